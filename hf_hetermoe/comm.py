@@ -1,0 +1,147 @@
+"""One layer's token exchange between attention ranks and expert holders (dispatch -> experts -> combine).
+
+Every rank of the world takes part in every exchange, so every collective is entered in the same order
+everywhere: attention ranks send rows and get results back, expert holders receive rows and return results,
+and a rank that is both (colocated mode) does both in the same all-to-all. Splits are uneven and may be zero.
+
+Legend: P = (token, k) pairs a rank sends (rows sorted by (owner rank, expert)), R = rows a holder receives,
+H = hidden size, E = experts per layer.
+
+Forward  : counts all-to-all (dispatch group) -> rows all-to-all (dispatch) -> experts -> rows all-to-all (combine)
+Backward : output-grad rows all-to-all (dispatch) -> expert backward -> input-grad rows all-to-all (combine)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .groups import HeterMoEGroups
+from .placement import ExpertPlacement
+
+# Dtypes travel in command headers as small integer codes (None: autocast off).
+DTYPE_CODES = {None: 0, torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class ExchangeKey:
+    session: int
+    layer: int
+    stripe: int
+
+
+@dataclass
+class ExchangePlan:
+    """Row counts of one (layer, stripe) exchange, as seen by this rank."""
+
+    send_splits: list[int]  # rows this rank dispatches to each rank
+    recv_splits: list[int]  # rows this rank receives from each rank
+    recv_local_expert_R: torch.Tensor | None  # holders: local expert index of each received row
+    row_dtype: torch.dtype
+
+
+def wait(work: Any, what: str, rank: int) -> None:
+    """Wait for a collective and name the operation if it fails (dead peer, timeout)."""
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise RuntimeError(f"hetermoe: rank {rank} failed waiting for {what}: {exc}") from exc
+
+
+def alltoall(group: Any, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], what: str, rank: int) -> torch.Tensor:
+    """Uneven all-to-all of rows; returns the received rows (a new tensor)."""
+    recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
+    if group.size() == 1:
+        recv.copy_(send)
+        return recv
+    work = group.alltoall_base(recv, send.contiguous(), recv_splits, send_splits, dist.AllToAllOptions())
+    wait(work, what, rank)
+    return recv
+
+
+class ExpertExchanger:
+    """Runs the exchanges of this rank: as attention rank (sends rows), as expert holder (computes), or both."""
+
+    def __init__(self, *, groups: HeterMoEGroups, placement: ExpertPlacement, shard: Any | None, hidden_size: int):
+        self.groups = groups
+        self.placement = placement
+        self.shard = shard  # ExpertShard or None
+        self.hidden_size = hidden_size
+        self.rank = groups.rank
+        self.world = groups.world_size
+        self.is_attention = groups.is_attention
+        self.attention_mask = [groups.topology.is_attention(r) for r in range(self.world)]
+        # local_of[layer][rank] = experts of `layer` held by `rank`, in local order
+        self.local_of = [[placement.local_experts(r, layer) for r in range(self.world)] for layer in range(placement.num_layers)]
+        self.owner_E = [torch.tensor(row, dtype=torch.int64) for row in placement.owner]
+
+    # ---- counts -----------------------------------------------------------------------------------------
+    def plan(self, layer: int, counts_E: torch.Tensor | None, row_dtype: torch.dtype) -> ExchangePlan:
+        """Exchange per-expert row counts so every holder knows what it receives (a collective)."""
+        local_of = self.local_of[layer]
+        if self.is_attention:
+            assert counts_E is not None
+            send = torch.cat([counts_E[list(local_of[d])] for d in range(self.world)]).to(torch.int64)
+            send_count_splits = [len(local_of[d]) for d in range(self.world)]
+        else:
+            send = torch.zeros(0, dtype=torch.int64)
+            send_count_splits = [0] * self.world
+        mine = local_of[self.rank]
+        recv_count_splits = [len(mine) if self.attention_mask[s] else 0 for s in range(self.world)]
+        what = f"the expert-count exchange of layer {layer}"
+        recv = alltoall(self.groups.dispatch, send, send_count_splits, recv_count_splits, what, self.rank)
+
+        if self.is_attention:
+            send_splits = [int(counts_E[list(local_of[d])].sum()) for d in range(self.world)]
+        else:
+            send_splits = [0] * self.world
+        recv_splits = [0] * self.world
+        local_expert_R = None
+        if mine:
+            per_src = recv.view(-1, len(mine)) if recv.numel() else recv.view(0, len(mine))
+            srcs = [s for s in range(self.world) if self.attention_mask[s]]
+            for i, s in enumerate(srcs):
+                recv_splits[s] = int(per_src[i].sum())
+            ids = torch.arange(len(mine), dtype=torch.int64).repeat(len(srcs))
+            local_expert_R = torch.repeat_interleave(ids, per_src.reshape(-1))
+        return ExchangePlan(
+            send_splits=send_splits, recv_splits=recv_splits, recv_local_expert_R=local_expert_R, row_dtype=row_dtype
+        )
+
+    # ---- forward and backward ---------------------------------------------------------------------------
+    def _rows(self, rows: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        if rows is not None:
+            return rows
+        return torch.empty(0, self.hidden_size, dtype=dtype, device=self.groups.device)
+
+    def forward(
+        self, key: ExchangeKey, x_PH: torch.Tensor | None, counts_E: torch.Tensor | None, *, keep: bool,
+        autocast_dtype: torch.dtype | None, row_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor | None, ExchangePlan]:
+        plan = self.plan(key.layer, counts_E, row_dtype)
+        x_PH = self._rows(x_PH, row_dtype)
+        x_RH = alltoall(self.groups.dispatch, x_PH, plan.send_splits, plan.recv_splits,
+                        f"the dispatch of layer {key.layer} (forward)", self.rank)
+        if plan.recv_local_expert_R is not None:
+            y_RH = self.shard.forward(key, x_RH, plan.recv_local_expert_R, keep=keep, autocast_dtype=autocast_dtype)
+        else:
+            y_RH = x_RH  # nothing held here: empty
+        y_PH = alltoall(self.groups.combine, y_RH.to(row_dtype), plan.recv_splits, plan.send_splits,
+                        f"the combine of layer {key.layer} (forward)", self.rank)
+        return (y_PH if self.is_attention else None), plan
+
+    def backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor | None) -> torch.Tensor | None:
+        dy_PH = self._rows(dy_PH, plan.row_dtype)
+        dy_RH = alltoall(self.groups.dispatch, dy_PH, plan.send_splits, plan.recv_splits,
+                         f"the dispatch of layer {key.layer} (backward)", self.rank)
+        if plan.recv_local_expert_R is not None:
+            dx_RH = self.shard.backward(key, dy_RH)
+        else:
+            dx_RH = dy_RH
+        dx_PH = alltoall(self.groups.combine, dx_RH.to(plan.row_dtype), plan.recv_splits, plan.send_splits,
+                         f"the combine of layer {key.layer} (backward)", self.rank)
+        return dx_PH if self.is_attention else None

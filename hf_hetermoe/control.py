@@ -1,0 +1,139 @@
+"""The command stream (DESIGN.md section 3): the leader (global attention rank 0) commands the expert servers.
+
+Global attention rank 0 is the single source of commands, so every server sees them in one total order. A
+command is a fixed int64 header (op, small ints, floats as float64 bits) sent point-to-point on the control
+group, optionally followed by a JSON payload. Bulk tensors (weights, optimizer state) follow as
+self-describing tensor dicts: a JSON manifest, then each tensor's raw bytes (any dtype travels as uint8).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_MAGIC = 0x4845544552  # "HETER"
+_HEADER_LEN = 16
+_NUM_INTS = 8
+_NUM_FLOATS = 4
+_TAG_COMMAND = 11
+_TAG_BYTES = 12
+_TAG_TENSOR = 13
+
+
+class Op(enum.IntEnum):
+    SETUP = 1          # payload: model config, placement, ...; then the server's expert weights
+    FORWARD = 2        # ints: layer, stripe, session, keep, autocast code
+    BACKWARD = 3       # ints: layer, stripe, session
+    OPTIM_SETUP = 4    # payload: optimizer class path and hyperparameters
+    GRAD_NORM = 5      # floats: unscale factor; then an all-reduce of squared norms on the control group
+    STEP = 6           # floats: lr, clip coefficient; ints: skipped
+    FETCH_WEIGHTS = 7  # server sends its expert weights to the leader
+    LOAD_WEIGHTS = 8   # leader sends the server's expert weights
+    FETCH_OPTIM = 9    # server sends its optimizer state to the leader
+    LOAD_OPTIM = 10    # leader sends the server's optimizer state
+    STOP = 11          # the job ended normally: exit 0
+    ABORT = 12         # the job failed on an attention rank: payload holds the reason
+
+
+@dataclass(frozen=True)
+class Command:
+    op: Op
+    ints: tuple[int, ...]
+    floats: tuple[float, ...]
+    payload: Any
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"hetermoe: unknown dtype {name!r} in a transfer manifest.")
+    return dtype
+
+
+class CommandChannel:
+    """Point-to-point messages on the control group between the leader and the expert servers."""
+
+    def __init__(self, group: Any, *, rank: int, leader: int, servers: tuple[int, ...]):
+        self.group = group
+        self.rank = rank
+        self.leader = leader
+        self.servers = servers
+
+    # ---- bytes and tensors ----------------------------------------------------------------------------
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        self.group.send([tensor], dst, tag).wait()
+
+    def _recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
+        self.group.recv([tensor], src, tag).wait()
+
+    def send_bytes(self, dst: int, data: bytes) -> None:
+        self._send(torch.tensor([len(data)], dtype=torch.int64), dst, _TAG_BYTES)
+        if data:
+            self._send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst, _TAG_BYTES)
+
+    def recv_bytes(self, src: int) -> bytes:
+        size = torch.zeros(1, dtype=torch.int64)
+        self._recv(size, src, _TAG_BYTES)
+        if size.item() == 0:
+            return b""
+        buf = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._recv(buf, src, _TAG_BYTES)
+        return buf.numpy().tobytes()
+
+    def send_tensor_dict(self, dst: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Send named tensors (any dtype, any device) to `dst`; `recv_tensor_dict` on `dst` returns them on CPU."""
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        manifest = [[name, list(t.shape), str(t.dtype)] for name, t in cpu.items()]
+        self.send_bytes(dst, json.dumps(manifest).encode())
+        for t in cpu.values():
+            if t.numel():
+                self._send(t.reshape(-1).view(torch.uint8), dst, _TAG_TENSOR)
+
+    def recv_tensor_dict(self, src: int) -> dict[str, torch.Tensor]:
+        manifest = json.loads(self.recv_bytes(src).decode())
+        out = {}
+        for name, shape, dtype_name in manifest:
+            t = torch.empty(shape, dtype=_dtype_from_name(dtype_name))
+            if t.numel():
+                buf = torch.empty(t.numel() * t.element_size(), dtype=torch.uint8)
+                self._recv(buf, src, _TAG_TENSOR)
+                t = buf.view(t.dtype).reshape(shape)
+            out[name] = t
+        return out
+
+    # ---- commands -------------------------------------------------------------------------------------
+    def broadcast(self, op: Op, *, ints: tuple[int, ...] = (), floats: tuple[float, ...] = (), payload: Any = None) -> None:
+        """Leader only: send one command to every expert server (in server order)."""
+        assert self.rank == self.leader, "only the leader issues commands"
+        assert len(ints) <= _NUM_INTS and len(floats) <= _NUM_FLOATS
+        data = json.dumps(payload).encode() if payload is not None else b""
+        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        header[0], header[1], header[2] = _MAGIC, int(op), len(data)
+        header[3 : 3 + len(ints)] = torch.tensor(ints, dtype=torch.int64)
+        fl = torch.zeros(_NUM_FLOATS, dtype=torch.float64)
+        fl[: len(floats)] = torch.tensor(floats, dtype=torch.float64)
+        header[3 + _NUM_INTS : 3 + _NUM_INTS + _NUM_FLOATS] = fl.view(torch.int64)
+        for server in self.servers:
+            self._send(header, server, _TAG_COMMAND)
+            if data:
+                self._send(torch.frombuffer(bytearray(data), dtype=torch.uint8), server, _TAG_COMMAND)
+
+    def receive(self) -> Command:
+        """Expert server only: wait for the next command from the leader."""
+        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        self._recv(header, self.leader, _TAG_COMMAND)
+        if header[0].item() != _MAGIC:
+            raise RuntimeError(f"hetermoe: rank {self.rank} received a malformed command from rank {self.leader}.")
+        payload = None
+        size = int(header[2].item())
+        if size:
+            buf = torch.empty(size, dtype=torch.uint8)
+            self._recv(buf, self.leader, _TAG_COMMAND)
+            payload = json.loads(buf.numpy().tobytes().decode())
+        ints = tuple(int(v) for v in header[3 : 3 + _NUM_INTS].tolist())
+        floats = tuple(header[3 + _NUM_INTS : 3 + _NUM_INTS + _NUM_FLOATS].clone().view(torch.float64).tolist())
+        return Command(op=Op(int(header[1].item())), ints=ints, floats=floats, payload=payload)

@@ -1,0 +1,312 @@
+"""HeterMoEEngine: the attention-rank side of HeterMoE for one patched model.
+
+It owns the exchanges of every MoE layer (and the rank's own expert shard, if it holds experts), commands the
+expert servers (on the leader), and does what DDP and the optimizer would otherwise do for the experts:
+- attention gradients: averaged over the attention world (DDP semantics) once per optimizer step;
+- the gradient norm and clip coefficient over attention and expert parameters of all ranks;
+- the expert step, with the Trainer's optimizer class, hyperparameters and current learning rate;
+- gathering and scattering full expert tensors and expert optimizer state for checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .comm import DTYPE_CODES, ExchangeKey, ExchangePlan, ExpertExchanger, wait
+from .config import HeterMoEConfig
+from .control import CommandChannel, Op
+from .expert_shard import ExpertShard, optimizer_hyperparams
+from .groups import HeterMoEGroups
+from .placement import ExpertPlacement
+
+logger = logging.getLogger(__name__)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. recomputing a checkpointed layer)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class HeterMoEEngine:
+    def __init__(
+        self, *, groups: HeterMoEGroups, config: HeterMoEConfig, family: Any, model_config: Any,
+        placement: ExpertPlacement, shard: ExpertShard | None, slot_paths: dict[int, str],
+    ):
+        self.groups = groups
+        self.config = config
+        self.family = family
+        self.model_config = model_config
+        self.placement = placement
+        self.shard = shard
+        self.slot_paths = slot_paths  # layer -> module path of its experts ("model.layers.0.mlp.experts")
+        self.topology = groups.topology
+        self.num_replicas = self.topology.num_attention
+        self.owner_E = [torch.tensor(row, dtype=torch.int64) for row in placement.owner]
+        self.first_layer = min(slot_paths)
+        self.exchanger = ExpertExchanger(
+            groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size
+        )
+        self.channel = CommandChannel(
+            groups.control, rank=groups.rank, leader=groups.leader, servers=self.topology.expert_ranks
+        )
+        self.session = 0
+        # Expert outputs of the current forward, by layer: a checkpointed layer's recompute reuses them
+        # instead of running the experts again.
+        self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan]]] = {}
+        self._grads_finished = False
+        self.clip_coef = 1.0
+        self._optimizer_key: tuple | None = None
+        self.weights_version = 0
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    @property
+    def has_servers(self) -> bool:
+        return bool(self.topology.expert_ranks)
+
+    def command(self, op: Op, **kwargs: Any) -> None:
+        """Leader: send a command to every expert server (no-op elsewhere or without servers)."""
+        if self.groups.is_leader and self.has_servers:
+            self.channel.broadcast(op, **kwargs)
+
+    # ---- data path ----------------------------------------------------------------------------------------
+    @staticmethod
+    def forward_context(x_PH: torch.Tensor) -> tuple[bool, torch.dtype | None, bool]:
+        """(keep activations for backward, autocast dtype or None, running inside a backward pass)."""
+        device_type = x_PH.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        return torch.is_grad_enabled() and x_PH.requires_grad, autocast, _in_backward()
+
+    def forward_exchange(self, layer: int, x_PH: torch.Tensor, counts_E: torch.Tensor, context: tuple):
+        keep, autocast, recompute = context
+        if recompute and layer in self._outputs:
+            # Recompute of a checkpointed layer: routing is deterministic, so reuse the experts' outputs.
+            y_PH, handle = self._outputs[layer]
+            return y_PH.detach(), handle
+        if layer == self.first_layer and not recompute:
+            self.session += 1
+            self._outputs.clear()
+        key = ExchangeKey(session=self.session, layer=layer, stripe=0)
+        self.command(
+            Op.FORWARD,
+            ints=(layer, 0, self.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype]),
+        )
+        y_PH, plan = self.exchanger.forward(
+            key, x_PH.detach(), counts_E, keep=keep, autocast_dtype=autocast, row_dtype=x_PH.dtype
+        )
+        result = (y_PH, (key, plan))
+        if keep:
+            self._outputs[layer] = result
+        return result
+
+    def backward_exchange(self, handle: tuple[ExchangeKey, ExchangePlan], dy_PH: torch.Tensor) -> torch.Tensor:
+        key, plan = handle
+        self.command(Op.BACKWARD, ints=(key.layer, key.stripe, key.session))
+        self._outputs.pop(key.layer, None)
+        return self.exchanger.backward(key, plan, dy_PH)
+
+    # ---- gradients ----------------------------------------------------------------------------------------
+    def finish_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average attention gradients over the attention world, once per optimizer step (DDP semantics)."""
+        if self._grads_finished:
+            return
+        self._grads_finished = True
+        group = self.groups.attention
+        if group is None:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for same in by_dtype.values():
+            flat = _flatten_dense_tensors(same)
+            flat.div_(self.num_replicas)
+            wait(group.allreduce([flat]), "the attention-gradient all-reduce", self.groups.rank)
+            for g, synced in zip(same, _unflatten_dense_tensors(flat, same)):
+                g.copy_(synced)
+
+    def global_grad_norm(self, params: list[torch.nn.Parameter], *, unscale: float = 1.0) -> torch.Tensor:
+        """L2 norm of all gradients: attention (replicated) and experts (held once each, on any rank)."""
+        self.finish_gradients(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        attn_sq = sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.groups.device))
+        self.command(Op.GRAD_NORM, floats=(unscale,))
+        expert_sq = torch.tensor([self.shard.prepare_grads(unscale) if self.shard else 0.0], dtype=torch.float64)
+        wait(self.groups.control.allreduce([expert_sq]), "the gradient-norm all-reduce", self.groups.rank)
+        total = torch.sqrt(attn_sq.cpu() + expert_sq[0])
+        dtype = grads[0].dtype if grads else torch.float32
+        return total.to(dtype=dtype, device=self.groups.device)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float, *, unscale: float = 1.0) -> torch.Tensor:
+        """Clip like `torch.nn.utils.clip_grad_norm_`, but over the global norm; experts get the same coefficient."""
+        total = self.global_grad_norm(params, unscale=unscale)
+        if max_norm == float("inf"):
+            return total
+        coef = max_norm / (float(total) + 1e-6)
+        self.clip_coef = min(coef, 1.0)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, self.clip_coef)
+        return total
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, group_index: int) -> None:
+        """Give the expert holders an optimizer of the Trainer's class with the hyperparameters of one group."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # unwrap AcceleratedOptimizer
+        cls = type(inner)
+        class_path = f"{cls.__module__}:{cls.__qualname__}"
+        hyper = optimizer_hyperparams(inner, group_index)
+        key = (class_path, tuple(sorted((k, str(v)) for k, v in hyper.items())))
+        if key == self._optimizer_key:
+            return
+        self._optimizer_key = key
+        self.optimizer_group = group_index
+        self.command(Op.OPTIM_SETUP, payload={"class": class_path, "hyperparams": hyper})
+        if self.shard is not None:
+            self.shard.build_optimizer(class_path, hyper)
+        logger.info("hetermoe: experts use %s with %s", class_path, hyper)
+
+    def step(self, *, lr: float, skipped: bool) -> None:
+        """Step the experts with the learning rate the Trainer's optimizer just used, then zero their grads."""
+        self.command(Op.STEP, floats=(lr, self.clip_coef), ints=(int(skipped),))
+        if self.shard is not None:
+            self.shard.step(lr=lr, clip_coef=self.clip_coef, skipped=skipped)
+        self.clip_coef = 1.0
+        self._grads_finished = False
+        if not skipped:
+            self.weights_version += 1
+
+    # ---- expert weights --------------------------------------------------------------------------------------
+    def _holders_among_attention(self) -> list[int]:
+        return [r for r in self.topology.attention_ranks if self.placement.holds_any(r)]
+
+    def can_gather_alone(self) -> bool:
+        """True when the leader alone can assemble every expert (no other attention rank holds any)."""
+        return all(r == self.groups.leader for r in self._holders_among_attention())
+
+    def gather_expert_weights(self, *, collective: bool) -> dict[int, dict[str, torch.Tensor]] | None:
+        """Full `(E, ...)` expert tensors `{layer: {name: tensor}}` on the leader (None elsewhere).
+
+        `collective=True`: every attention rank calls this (experts held on attention ranks are sent too).
+        `collective=False`: only the leader calls it; valid when `can_gather_alone()`.
+        """
+        if not collective and not self.can_gather_alone():
+            raise ValueError(
+                "hetermoe: other attention ranks hold experts, so the full expert weights can only be gathered "
+                "when every attention rank takes part: call `trainer.save_model()` on all ranks (the Trainer "
+                "does this for checkpoints) or `hf_hetermoe.gather_expert_weights(model)` on all ranks first."
+            )
+        rank, leader = self.groups.rank, self.groups.leader
+        if rank != leader:
+            if self.shard is not None:
+                self.channel.send_tensor_dict(leader, self.shard.local_weights())
+            return None
+        self.command(Op.FETCH_WEIGHTS)
+        pieces: dict[int, dict[str, torch.Tensor]] = {}
+        if self.shard is not None:
+            pieces[rank] = {k: v.cpu() for k, v in self.shard.local_weights().items()}
+        for holder in self.placement.ranks_holding():
+            if holder != rank and (collective or holder in self.topology.expert_ranks):
+                pieces[holder] = self.channel.recv_tensor_dict(holder)
+        return self._assemble(pieces, lambda key: key)
+
+    def _assemble(self, pieces: dict[int, dict[str, torch.Tensor]], name_of) -> dict[int, dict[str, torch.Tensor]]:
+        full: dict[int, dict[str, torch.Tensor]] = {}
+        for layer in range(self.placement.num_layers):
+            for name in self.family.expert_param_names:
+                parts = []
+                for holder, tensors in pieces.items():
+                    experts = self.placement.local_experts(holder, layer)
+                    if experts:
+                        parts.append((experts, tensors[name_of(f"{layer}/{name}")]))
+                sample = parts[0][1]
+                out = sample.new_empty((self.placement.num_experts, *sample.shape[1:]))
+                for experts, tensor in parts:
+                    out[list(experts)] = tensor
+                full.setdefault(layer, {})[name] = out
+        return full
+
+    def load_expert_weights(self, full: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Scatter full expert tensors: the leader sends each server its slice; holders here take theirs."""
+        if self.groups.is_leader and self.has_servers:
+            self.command(Op.LOAD_WEIGHTS)
+            for server in self.topology.expert_ranks:
+                index = {layer: torch.tensor(self.placement.local_experts(server, layer)) for layer in full}
+                self.channel.send_tensor_dict(server, {
+                    f"{layer}/{name}": t.index_select(0, index[layer])
+                    for layer, tensors in full.items() if len(index[layer]) for name, t in tensors.items()
+                })
+        if self.shard is not None:
+            self.shard.load_local_weights(self.shard.slice_full(full))
+        self.weights_version += 1
+
+    # ---- expert optimizer state ------------------------------------------------------------------------------
+    def gather_optimizer_state(self) -> dict[str, torch.Tensor] | None:
+        """Collective over attention ranks: the experts' optimizer state as full tensors keyed by stock names
+        (`<experts path>.<param>#<state>`), on the leader; None elsewhere."""
+        rank, leader = self.groups.rank, self.groups.leader
+        if rank != leader:
+            if self.shard is not None:
+                self.channel.send_tensor_dict(leader, self.shard.optimizer_state())
+            return None
+        self.command(Op.FETCH_OPTIM)
+        pieces: dict[int, dict[str, torch.Tensor]] = {}
+        if self.shard is not None:
+            pieces[rank] = {k: v.cpu() for k, v in self.shard.optimizer_state().items()}
+        for holder in self.placement.ranks_holding():
+            if holder != rank:
+                pieces[holder] = self.channel.recv_tensor_dict(holder)
+        out: dict[str, torch.Tensor] = {}
+        for holder, tensors in pieces.items():
+            for key, value in tensors.items():
+                kind, _, rest = key.partition("|")
+                layer_s, name, state_key = rest.split("/", 2)
+                layer = int(layer_s)
+                full_key = f"{self.slot_paths[layer]}.{name}#{state_key}"
+                if kind == "S":
+                    out.setdefault(full_key, value)
+                    continue
+                if full_key not in out:
+                    out[full_key] = value.new_zeros((self.placement.num_experts, *value.shape[1:]))
+                out[full_key][list(self.placement.local_experts(holder, layer))] = value
+        return out
+
+    def load_optimizer_state(self, full: dict[str, torch.Tensor]) -> None:
+        """Every attention rank calls this with the same full state; each holder gets its slice."""
+        by_layer_key: dict[tuple[int, str, str], torch.Tensor] = {}
+        path_to_layer = {path: layer for layer, path in self.slot_paths.items()}
+        for key, value in full.items():
+            stem, _, state_key = key.partition("#")
+            path, _, name = stem.rpartition(".")
+            if path not in path_to_layer:
+                raise ValueError(f"hetermoe: expert optimizer state {key!r} does not match any MoE layer of this model.")
+            by_layer_key[(path_to_layer[path], name, state_key)] = value
+
+        def slice_for(holder: int) -> dict[str, torch.Tensor]:
+            out = {}
+            for (layer, name, state_key), value in by_layer_key.items():
+                experts = self.placement.local_experts(holder, layer)
+                if not experts:
+                    continue
+                if value.dim() >= 1 and value.shape[0] == self.placement.num_experts:
+                    out[f"E|{layer}/{name}/{state_key}"] = value[list(experts)]
+                else:
+                    out[f"S|{layer}/{name}/{state_key}"] = value
+            return out
+
+        if self.groups.is_leader and self.has_servers:
+            self.command(Op.LOAD_OPTIM)
+            for server in self.topology.expert_ranks:
+                self.channel.send_tensor_dict(server, slice_for(server))
+        if self.shard is not None:
+            self.shard.load_optimizer_state(slice_for(self.groups.rank))
+
+    # ---- lifetime ---------------------------------------------------------------------------------------------
+    def stop_servers(self) -> None:
+        self.command(Op.STOP)
+
+    def abort_servers(self, reason: str) -> None:
+        self.command(Op.ABORT, payload={"reason": reason})

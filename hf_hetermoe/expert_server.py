@@ -1,0 +1,116 @@
+"""The expert-rank loop: hold experts, follow the leader's commands, exit 0 on STOP.
+
+An expert server never runs the user's script. It waits for SETUP (model config, placement, its expert
+weights), then serves FORWARD/BACKWARD exchanges, gradient norms, optimizer steps and checkpoint transfers in
+the order the leader (global attention rank 0) issues them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig
+
+from model_patches import get_family
+
+from .comm import DTYPES, ExchangeKey, ExchangePlan, ExpertExchanger, wait
+from .control import CommandChannel, Op
+from .expert_shard import ExpertShard
+from .groups import HeterMoEGroups
+from .placement import ExpertPlacement
+
+logger = logging.getLogger(__name__)
+
+
+class ServerAborted(RuntimeError):
+    """The attention side failed and told the expert servers why."""
+
+
+def build_setup_payload(*, model_config, placement: ExpertPlacement, dtype: torch.dtype, num_replicas: int) -> dict:
+    return {
+        "model_type": model_config.model_type,
+        "model_config": model_config.to_dict(),
+        # Not part of to_dict(): which experts kernel (grouped_mm, batched_mm, eager) the stock model uses.
+        "experts_implementation": getattr(model_config, "_experts_implementation", None),
+        "placement": placement.to_dict(),
+        "dtype": str(dtype),
+        "num_replicas": num_replicas,
+    }
+
+
+def serve(groups: HeterMoEGroups) -> None:
+    """Run the expert server on this rank until the leader sends STOP."""
+    channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader, servers=groups.topology.expert_ranks)
+    cmd = channel.receive()
+    if cmd.op == Op.STOP:
+        return  # the job ended before any model was set up
+    _check_not_aborted(cmd, groups.rank)
+    if cmd.op != Op.SETUP:
+        raise RuntimeError(f"hetermoe: expert rank {groups.rank} expected SETUP first, got {cmd.op.name}.")
+    setup = cmd.payload
+    family = get_family(setup["model_type"])
+    config_dict = dict(setup["model_config"])
+    config_dict.pop("model_type", None)
+    model_config = AutoConfig.for_model(setup["model_type"], **config_dict)
+    if setup.get("experts_implementation") is not None:
+        model_config._experts_implementation = setup["experts_implementation"]
+    placement = ExpertPlacement.from_dict(setup["placement"])
+    dtype = getattr(torch, setup["dtype"].removeprefix("torch."))
+    shard = ExpertShard(
+        family=family, model_config=model_config, placement=placement, rank=groups.rank, device=groups.device,
+        dtype=dtype, num_replicas=int(setup["num_replicas"]),
+    )
+    shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
+    exchanger = ExpertExchanger(groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size)
+    plans: dict[ExchangeKey, ExchangePlan] = {}
+    logger.info("hetermoe: expert rank %d holds %s", groups.rank,
+                {layer: list(e) for layer, e in shard.local.items()})
+
+    while True:
+        cmd = channel.receive()
+        op = cmd.op
+        if op == Op.FORWARD:
+            layer, stripe, session, keep, autocast_code, row_code = cmd.ints[:6]
+            key = ExchangeKey(session=session, layer=layer, stripe=stripe)
+            if keep:
+                for stale in [k for k in plans if k.session < session]:
+                    del plans[stale]
+            _, plan = exchanger.forward(
+                key, None, None, keep=bool(keep), autocast_dtype=DTYPES[autocast_code], row_dtype=DTYPES[row_code]
+            )
+            if keep:
+                plans[key] = plan
+        elif op == Op.BACKWARD:
+            layer, stripe, session = cmd.ints[:3]
+            key = ExchangeKey(session=session, layer=layer, stripe=stripe)
+            if key not in plans:
+                raise RuntimeError(f"hetermoe: expert rank {groups.rank} got BACKWARD for unknown forward {key}.")
+            exchanger.backward(key, plans.pop(key), None)
+        elif op == Op.OPTIM_SETUP:
+            shard.build_optimizer(cmd.payload["class"], cmd.payload["hyperparams"])
+        elif op == Op.GRAD_NORM:
+            sq = torch.tensor([shard.prepare_grads(cmd.floats[0])], dtype=torch.float64)
+            wait(groups.control.allreduce([sq]), "the gradient-norm all-reduce", groups.rank)
+        elif op == Op.STEP:
+            lr, coef = cmd.floats[:2]
+            shard.step(lr=lr, clip_coef=coef, skipped=bool(cmd.ints[0]))
+        elif op == Op.FETCH_WEIGHTS:
+            channel.send_tensor_dict(groups.leader, shard.local_weights())
+        elif op == Op.LOAD_WEIGHTS:
+            shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
+        elif op == Op.FETCH_OPTIM:
+            channel.send_tensor_dict(groups.leader, shard.optimizer_state())
+        elif op == Op.LOAD_OPTIM:
+            shard.load_optimizer_state(channel.recv_tensor_dict(groups.leader))
+        elif op == Op.STOP:
+            return
+        else:
+            _check_not_aborted(cmd, groups.rank)
+            raise RuntimeError(f"hetermoe: expert rank {groups.rank} got unexpected command {op.name}.")
+
+
+def _check_not_aborted(cmd, rank: int) -> None:
+    if cmd.op == Op.ABORT:
+        reason = (cmd.payload or {}).get("reason", "no reason given")
+        raise ServerAborted(f"hetermoe: expert rank {rank} stopped because the attention ranks failed: {reason}")

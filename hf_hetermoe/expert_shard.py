@@ -1,0 +1,226 @@
+"""ExpertShard: the routed experts one rank holds, with their activations, gradients and optimizer.
+
+An expert server holds one; so does every rank in colocated mode. Each MoE layer's local experts live in a
+stock experts module of the family (e.g. `MixtralExperts`) built for `num_local` experts, so the math (and the
+experts implementation transformers picked: grouped_mm or a loop) is the stock one. Rows arrive one per
+(token, k) pair, so the module is called with top-1 routing and weight 1; the routing weights are applied by
+the attention rank on combine.
+
+Gradient semantics match DDP: a holder's gradient is the sum of every attention rank's contribution, divided by
+the number of data-parallel replicas (attention ranks) before clipping and stepping.
+
+Legend: R = rows received, H = hidden size, n = experts of a layer held here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .comm import ExchangeKey
+from .placement import ExpertPlacement
+
+# Optimizer hyperparameters that are bookkeeping added by schedulers, not constructor arguments.
+_NOT_HYPERPARAMS = {"params", "initial_lr"}
+
+
+def optimizer_hyperparams(optimizer: torch.optim.Optimizer, group_index: int) -> dict[str, Any]:
+    """The JSON-able hyperparameters of one param group, restricted to what the class constructor accepts."""
+    accepted = set(inspect.signature(type(optimizer).__init__).parameters)
+    out = {}
+    for k, v in optimizer.param_groups[group_index].items():
+        if k in _NOT_HYPERPARAMS or k not in accepted:
+            continue
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        if isinstance(v, tuple):
+            v = list(v)
+        if v is None or isinstance(v, (bool, int, float, str, list)):
+            out[k] = v
+    return out
+
+
+def import_class(path: str) -> type:
+    module_name, _, qualname = path.partition(":")
+    if module_name == "__main__":
+        raise ValueError(
+            f"hetermoe: the Trainer's optimizer class {qualname} is defined in the training script itself; expert "
+            "servers cannot import it. Define it in an importable module."
+        )
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class ExpertShard:
+    def __init__(
+        self, *, family: Any, model_config: Any, placement: ExpertPlacement, rank: int, device: torch.device,
+        dtype: torch.dtype, num_replicas: int,
+    ):
+        self.family = family
+        self.placement = placement
+        self.rank = rank
+        self.device = device
+        self.num_replicas = num_replicas
+        self.local: dict[int, tuple[int, ...]] = {}  # layer -> expert ids held here
+        self.modules: dict[int, nn.Module] = {}  # layer -> stock experts module with the local experts
+        for layer in range(placement.num_layers):
+            experts = placement.local_experts(rank, layer)
+            if experts:
+                self.local[layer] = experts
+                module = family.make_local_experts(model_config, len(experts))
+                self.modules[layer] = module.to(device=device, dtype=dtype)
+        self.saved: dict[ExchangeKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._grads_prepared = False
+
+    # ---- parameters ------------------------------------------------------------------------------------
+    def named_parameters(self) -> list[tuple[int, str, nn.Parameter]]:
+        return [
+            (layer, name, getattr(self.modules[layer], name))
+            for layer in sorted(self.modules)
+            for name in self.family.expert_param_names
+        ]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, _, p in self.named_parameters()]
+
+    def local_weights(self) -> dict[str, torch.Tensor]:
+        """`{"layer/name": (n, ...)}`: this rank's slice of every fused expert tensor."""
+        return {f"{layer}/{name}": p.detach() for layer, name, p in self.named_parameters()}
+
+    def load_local_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for layer, name, p in self.named_parameters():
+                key = f"{layer}/{name}"
+                if key not in tensors:
+                    raise ValueError(f"hetermoe: expert weights for layer {layer} ({name}) are missing.")
+                src = tensors[key]
+                if tuple(src.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"hetermoe: expert weights {name} of layer {layer} have shape {tuple(src.shape)}, "
+                        f"expected {tuple(p.shape)} on rank {self.rank}."
+                    )
+                p.copy_(src.to(device=p.device, dtype=p.dtype))
+
+    def slice_full(self, full: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Pick this rank's experts out of full `(E, ...)` tensors `{layer: {name: tensor}}`."""
+        index = {layer: torch.tensor(experts) for layer, experts in self.local.items()}
+        return {
+            f"{layer}/{name}": full[layer][name].index_select(0, index[layer])
+            for layer, name, _ in self.named_parameters()
+        }
+
+    # ---- compute ---------------------------------------------------------------------------------------
+    def forward(
+        self, key: ExchangeKey, x_RH: torch.Tensor, local_expert_R: torch.Tensor, *, keep: bool,
+        autocast_dtype: torch.dtype | None,
+    ) -> torch.Tensor:
+        if keep:
+            self._drop_sessions_before(key.session)
+        module = self.modules[key.layer]
+        x = x_RH.detach().requires_grad_(keep)
+        if x.shape[0] == 0:
+            y = x.detach().clone()
+        else:
+            autocast = (
+                torch.autocast(self.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext()
+            )
+            with torch.set_grad_enabled(keep), autocast:
+                index_R1 = local_expert_R.to(x.device).unsqueeze(1)
+                weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
+                y = module(x, index_R1, weight_R1)
+        if keep:
+            self.saved[key] = (x, y)
+        return y.detach()
+
+    def backward(self, key: ExchangeKey, dy_RH: torch.Tensor) -> torch.Tensor:
+        if key not in self.saved:
+            raise RuntimeError(
+                f"hetermoe: rank {self.rank} has no saved activations for layer {key.layer} stripe {key.stripe} "
+                f"of forward {key.session}; a backward ran without its forward (or after a newer forward)."
+            )
+        x, y = self.saved.pop(key)
+        if x.shape[0] and y.requires_grad:
+            torch.autograd.backward(y, dy_RH.to(y.dtype))
+        return x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def _drop_sessions_before(self, session: int) -> None:
+        for stale in [k for k in self.saved if k.session < session]:
+            del self.saved[stale]
+
+    # ---- gradients and optimizer -------------------------------------------------------------------------
+    def prepare_grads(self, unscale: float = 1.0) -> float:
+        """Once per optimizer step: average over replicas (DDP semantics), unscale; return the squared norm."""
+        if not self._grads_prepared:
+            factor = unscale / self.num_replicas
+            for p in self.parameters():
+                if p.grad is None:
+                    # Stock fused expert tensors always get a gradient (zeros for unused experts), and optimizers
+                    # such as AdamW still decay and update momentum for them; keep that.
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.mul_(factor)
+            self._grads_prepared = True
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self.parameters():
+            total += p.grad.detach().double().pow(2).sum().cpu()
+        return float(total)
+
+    def build_optimizer(self, class_path: str, hyperparams: dict[str, Any]) -> None:
+        cls = import_class(class_path)
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparams.items()}
+        self.optimizer = cls(self.parameters(), **kwargs)
+
+    def step(self, *, lr: float, clip_coef: float, skipped: bool) -> None:
+        self.prepare_grads()
+        if not skipped:
+            if self.optimizer is None:
+                raise RuntimeError(
+                    f"hetermoe: expert rank {self.rank} was asked to step before its optimizer was set up."
+                )
+            if clip_coef != 1.0:
+                torch._foreach_mul_([p.grad for p in self.parameters()], clip_coef)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        for p in self.parameters():
+            p.grad = None
+        self._grads_prepared = False
+
+    # ---- optimizer state (topology independent) ------------------------------------------------------------
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """`{"E|layer/name/state_key": per-expert (n, ...)}` and `{"S|layer/name/state_key": shared}` tensors."""
+        if self.optimizer is None:
+            return {}
+        out = {}
+        for layer, name, p in self.named_parameters():
+            for state_key, value in self.optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value)
+                per_expert = value.dim() >= 1 and value.shape[0] == p.shape[0]
+                out[f"{'E' if per_expert else 'S'}|{layer}/{name}/{state_key}"] = value.detach()
+        return out
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.optimizer is None:
+            raise RuntimeError(f"hetermoe: expert rank {self.rank} has no optimizer to load state into.")
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for index, (layer, name, p) in enumerate(self.named_parameters()):
+            prefix = f"{layer}/{name}/"
+            for key, value in tensors.items():
+                kind, _, rest = key.partition("|")
+                if rest.startswith(prefix):
+                    state.setdefault(index, {})[rest[len(prefix):]] = value.to(p.device)
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(self.parameters())))}
+            for g in self.optimizer.param_groups
+        ]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})

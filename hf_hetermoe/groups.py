@@ -1,0 +1,123 @@
+"""HeterMoEGroups: every process group HeterMoE uses, owned by one object and passed as an argument.
+
+Groups (DESIGN.md section 2), all built from one rendezvous store with their own key prefix:
+- dispatch: all ranks; carries tokens (forward) and output gradients (backward) towards expert holders.
+- combine: all ranks; carries expert outputs (forward) and input gradients (backward) back. Separate from
+  dispatch so the two directions have independent operation orders (the paper's two streams).
+- control: all ranks, always gloo on CPU tensors; commands from the leader (global attention rank 0) to expert
+  servers and small reductions (gradient norms). Its timeout is long because an expert server waits on it while
+  the attention ranks do work without experts (data loading, saving); a peer that dies still surfaces at once
+  as "connection closed". Gloo closes a connection when a wait times out, so a short timeout cannot be polled.
+- attention: attention ranks only; the data-parallel gradient all-reduce (replaces DDP).
+
+The groups are constructed directly (`ProcessGroupGloo(PrefixStore(...), rank, size, timeout)`), not registered
+with torch.distributed: the attention ranks' own default group (Accelerate's world) spans attention ranks only.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import Topology
+
+# An expert server can sit idle on the control group while attention ranks run evaluation-free stretches
+# (tokenising a data set, writing a checkpoint). A dead peer is still reported at once by the socket.
+CONTROL_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass
+class HeterMoEGroups:
+    rank: int  # global rank
+    topology: Topology
+    dispatch: Any
+    combine: Any
+    control: Any
+    attention: Any | None  # None on expert servers, and when there is one attention rank
+    device: torch.device
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def leader(self) -> int:
+        """Global rank of attention rank 0, the only source of commands to expert servers."""
+        return self.topology.attention_ranks[0]
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    @property
+    def is_attention(self) -> bool:
+        return self.topology.is_attention(self.rank)
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_store(
+        cls, store: Any, *, rank: int, topology: Topology, timeout_s: float, device: torch.device
+    ) -> "HeterMoEGroups":
+        """Build the groups over all `topology.world_size` ranks from a rendezvous store (the launcher path)."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        world = topology.world_size
+
+        def make(name: str, group_rank: int, size: int, backend: str, group_timeout: datetime.timedelta):
+            prefixed = dist.PrefixStore(f"hetermoe/{name}", store)
+            if backend == "nccl":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = group_timeout
+                return dist.ProcessGroupNCCL(prefixed, group_rank, size, options)
+            return dist.ProcessGroupGloo(prefixed, group_rank, size, group_timeout)
+
+        data_backend = "nccl" if device.type == "cuda" else "gloo"
+        dispatch = make("dispatch", rank, world, data_backend, timeout)
+        combine = make("combine", rank, world, data_backend, timeout)
+        control = make("control", rank, world, "gloo", CONTROL_TIMEOUT)
+        attention = None
+        if topology.is_attention(rank) and topology.num_attention > 1:
+            attention = make(
+                "attention", topology.attention_index(rank), topology.num_attention, data_backend, timeout
+            )
+        return cls(
+            rank=rank, topology=topology, dispatch=dispatch, combine=combine, control=control,
+            attention=attention, device=device, timeout_s=timeout_s,
+        )
+
+    @classmethod
+    def from_default_group(cls, *, topology: Topology, timeout_s: float, device: torch.device) -> "HeterMoEGroups":
+        """Build the groups over torch.distributed's default world (the callback path without the launcher).
+
+        Every rank of that world runs attention (colocated mode), so the attention group is the world.
+        """
+        assert topology.mode == "colocated" and topology.world_size == dist.get_world_size()
+        timeout = datetime.timedelta(seconds=timeout_s)
+        data_backend = "nccl" if device.type == "cuda" else "gloo"
+        # new_group is collective: every rank calls these in the same order (each builds the same Trainer).
+        dispatch = dist.new_group(backend=data_backend, timeout=timeout)
+        combine = dist.new_group(backend=data_backend, timeout=timeout)
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        attention = dist.new_group(backend=data_backend, timeout=timeout) if topology.world_size > 1 else None
+        return cls(
+            rank=dist.get_rank(), topology=topology, dispatch=dispatch, combine=combine, control=control,
+            attention=attention, device=device, timeout_s=timeout_s,
+        )
+
+    @classmethod
+    def single_process(cls, *, topology: Topology, timeout_s: float, device: torch.device) -> "HeterMoEGroups":
+        """A world of one process (colocated: it runs attention and holds every expert)."""
+        assert topology.world_size == 1
+        timeout = datetime.timedelta(seconds=timeout_s)
+
+        def make():
+            return dist.ProcessGroupGloo(dist.HashStore(), 0, 1, timeout)
+
+        return cls(
+            rank=0, topology=topology, dispatch=make(), combine=make(), control=make(), attention=None,
+            device=device, timeout_s=timeout_s,
+        )

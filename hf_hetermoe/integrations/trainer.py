@@ -1,0 +1,157 @@
+"""HeterMoECallback: makes a stock `transformers.Trainer` train a HeterMoE model with stock meaning.
+
+What it does, and when (the Trainer's own order):
+- `on_init_end` (before the optimizer exists): patch the model (`apply_hetermoe`), prepare it with Accelerate
+  without DDP (HeterMoE averages attention gradients itself), and route the Trainer's gradient-norm, save and
+  load steps through HeterMoE so they cover the experts too.
+- `_load_optimizer_and_scheduler` (resume) and `on_train_begin`: give the experts an optimizer of the Trainer's
+  class and hyperparameters, and restore its state from the checkpoint.
+- gradient clipping: the norm is global over attention and expert gradients of all ranks.
+- `on_optimizer_step` (after `optimizer.step()`, before the scheduler moves): step the experts with the lr the
+  Trainer just used and the same clip coefficient.
+- `save_model` / `_save_optimizer_and_scheduler`: full stock weights, plus the experts' optimizer state.
+
+Callbacks receive the model, not the Trainer; the Trainer is found once, in `on_init_end`, on the call stack
+(the Trainer's `__init__` calls that event itself).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..checkpoint import load_expert_optimizer, save_expert_optimizer
+from ..config import HeterMoEConfig
+from ..groups import HeterMoEGroups
+from ..patching import apply_hetermoe, get_engine, state_hooks
+
+logger = logging.getLogger(__name__)
+
+# Trainer methods HeterMoE routes through itself; checked up front so a transformers change fails loudly.
+_TRAINER_METHODS = ("_clip_grad_norm", "_get_grad_norm", "save_model", "_save_optimizer_and_scheduler",
+                    "_load_optimizer_and_scheduler")
+
+
+def _find_trainer(callback: TrainerCallback) -> Trainer:
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer) and callback in candidate.callback_handler.callbacks:
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError("hetermoe: HeterMoECallback could not find the Trainer that owns it.")
+
+
+def _expert_param_group(optimizer: torch.optim.Optimizer, weight_decay: float) -> int:
+    """The param group stock experts would be in: the Trainer puts weight matrices in the decay group."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for index, group in enumerate(inner.param_groups):
+        if group.get("weight_decay", None) == weight_decay:
+            return index
+    return 0
+
+
+class HeterMoECallback(TrainerCallback):
+    """Add to `Trainer(callbacks=[...])`; the HeterMoE launcher adds it to every Trainer by itself.
+
+    `config`: a HeterMoEConfig, a YAML path, or None. Without the launcher (`groups` is None) the model runs
+    colocated over the script's own world: every rank runs attention and holds 1/W of the experts.
+    """
+
+    def __init__(self, config: HeterMoEConfig | str | None = None, *, groups: HeterMoEGroups | None = None):
+        if isinstance(config, str):
+            config = HeterMoEConfig.from_yaml(config)
+        self.config = config or HeterMoEConfig(mode="colocated")
+        self.groups = groups
+        self.trainer: Trainer | None = None
+        self.engine = None
+
+    # ---- setup ------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        trainer = _find_trainer(self)
+        self.trainer = trainer
+        missing = [m for m in _TRAINER_METHODS if not hasattr(trainer, m)]
+        if missing:
+            raise RuntimeError(f"hetermoe: this transformers version's Trainer lacks {missing}; it is not supported.")
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            raise ValueError(
+                "hetermoe: DeepSpeed and FSDP are not supported with HeterMoE (it shards the experts itself). "
+                "Launch without them."
+            )
+        if not args.ddp_find_unused_parameters in (None, False):
+            logger.warning("hetermoe: ddp_find_unused_parameters has no effect (HeterMoE does not use DDP).")
+        self.engine = apply_hetermoe(model, self.config, self.groups)
+        # Device placement and mixed-precision autocast as Accelerate gives every model, but no DDP wrapper:
+        # HeterMoE averages the attention gradients itself (expert gradients must not be all-reduced).
+        trainer.accelerator.prepare_model(model, evaluation_mode=True)
+        self._route_trainer_methods(trainer, model)
+
+    def _route_trainer_methods(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        engine = self.engine
+        original_save_model = trainer.save_model
+        original_save_optim = trainer._save_optimizer_and_scheduler
+        original_load_optim = trainer._load_optimizer_and_scheduler
+
+        def unscale_factor() -> float:
+            trainer.accelerator.unscale_gradients()
+            scaler = getattr(trainer.accelerator, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                return 1.0 / float(scaler.get_scale())
+            return 1.0
+
+        def clip_grad_norm(model_arg):
+            params = list(model_arg.parameters())
+            return engine.clip_grad_norm(params, trainer.args.max_grad_norm, unscale=unscale_factor())
+
+        def get_grad_norm(model_arg, grad_norm=None):
+            if grad_norm is None:
+                grad_norm = engine.global_grad_norm(list(model_arg.parameters()), unscale=unscale_factor())
+            return grad_norm
+
+        def save_model(output_dir=None, _internal_call=False):
+            hooks = state_hooks(model)
+            hooks.gather_for_save()
+            try:
+                return original_save_model(output_dir, _internal_call=_internal_call)
+            finally:
+                hooks.drop_cache()
+
+        def save_optimizer_and_scheduler(output_dir):
+            original_save_optim(output_dir)
+            save_expert_optimizer(engine, output_dir)
+
+        def load_optimizer_and_scheduler(checkpoint):
+            original_load_optim(checkpoint)
+            if checkpoint is not None:
+                self._setup_expert_optimizer(trainer.optimizer)
+                load_expert_optimizer(engine, checkpoint)
+
+        trainer._clip_grad_norm = clip_grad_norm
+        trainer._get_grad_norm = get_grad_norm
+        trainer.save_model = save_model
+        trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
+        trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
+
+    def _setup_expert_optimizer(self, optimizer) -> None:
+        if optimizer is None:
+            return
+        group = _expert_param_group(optimizer, self.trainer.args.weight_decay)
+        self.engine.setup_optimizer(optimizer, group)
+
+    # ---- training events ----------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._setup_expert_optimizer(optimizer)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # The gradient-norm path already did this; a Trainer subclass that skips it still gets DDP semantics.
+        self.engine.finish_gradients(list(model.parameters()))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        inner = getattr(optimizer, "optimizer", optimizer)
+        lr = float(inner.param_groups[self.engine.optimizer_group]["lr"])
+        self.engine.step(lr=lr, skipped=skipped)

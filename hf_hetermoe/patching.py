@@ -1,0 +1,216 @@
+"""apply_hetermoe / revert_hetermoe: swap each MoE block's routed experts for remote ones, and back, exactly.
+
+Applying (on every attention rank, in the same order):
+1. check the model against the config (supported family, experts divisible over the holders);
+2. make the attention replicas identical (broadcast from attention rank 0, as DDP does when it wraps);
+3. build this rank's expert shard (colocated) and send every expert server its experts (leader);
+4. replace each `mlp.experts` with a `HeterMoEExperts` stand-in and release the local expert tensors;
+5. register the state-dict hooks that keep checkpoints complete and stock.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model_patches import get_family
+
+from .block import HeterMoEExperts
+from .checkpoint import ExpertStateHooks
+from .comm import wait
+from .config import HeterMoEConfig
+from .control import Op
+from .engine import HeterMoEEngine
+from .expert_server import build_setup_payload
+from .expert_shard import ExpertShard
+from .groups import HeterMoEGroups
+from .placement import ExpertPlacement
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_ATTR = "_hetermoe_engine"
+_HOOKS_ATTR = "_hetermoe_state_hooks"
+
+
+def get_engine(model: nn.Module) -> HeterMoEEngine | None:
+    return model.__dict__.get(_ENGINE_ATTR)
+
+
+def default_groups(config: HeterMoEConfig, device: torch.device | None = None) -> HeterMoEGroups:
+    """Groups for a script that was not started by the HeterMoE launcher: colocated over its own world."""
+    if config.mode == "disaggregated" and (config.attention_ranks is not None or config.expert_ranks is not None):
+        raise ValueError(
+            "hetermoe: disaggregated mode (separate expert ranks) needs the HeterMoE launcher: run the script with "
+            "`hetermoe launch --config CFG.yaml ...`. Without it, use `mode: colocated`."
+        )
+    colocated = HeterMoEConfig(mode="colocated", zebra=config.zebra, timeout_s=config.timeout_s)
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        device = device or _default_device()
+        return HeterMoEGroups.from_default_group(
+            topology=colocated.resolve_topology(world), timeout_s=config.timeout_s, device=device
+        )
+    return HeterMoEGroups.single_process(
+        topology=colocated.resolve_topology(1), timeout_s=config.timeout_s, device=device or _default_device()
+    )
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_from_first_attention_rank(model: nn.Module, groups: HeterMoEGroups) -> None:
+    """Make every attention replica equal to attention rank 0's (DDP does this when it wraps a model)."""
+    group = groups.attention
+    if group is None:
+        return
+    tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.timeout = datetime.timedelta(seconds=groups.timeout_s)
+    for same in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(same)
+        wait(group.broadcast([flat], opts), "the initial parameter broadcast", groups.rank)
+        for t, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
+            t.copy_(synced)
+
+
+def _refuse_transformers_expert_parallel(model: nn.Module) -> None:
+    dist_config = getattr(model.config, "distributed_config", None)
+    if getattr(dist_config, "enable_expert_parallel", False) or any(
+        getattr(m, "_is_expert_parallel", False) for m in model.modules()
+    ):
+        raise ValueError(
+            "hetermoe: this model uses transformers' own expert parallelism (DistributedConfig("
+            "enable_expert_parallel=True)); HeterMoE places the experts itself. Load the model without it."
+        )
+
+
+def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, groups: HeterMoEGroups | None = None) -> HeterMoEEngine:
+    """Patch `model` in place for HeterMoE on this attention rank and return its engine (idempotent).
+
+    Every attention rank must call this, in the same order, with the same model architecture.
+    """
+    existing = get_engine(model)
+    if existing is not None:
+        return existing
+    config = config or HeterMoEConfig(mode="colocated")
+    groups = groups or default_groups(config)
+    if not groups.is_attention:
+        raise ValueError(f"hetermoe: rank {groups.rank} is an expert rank; only attention ranks run the model.")
+    family = get_family(getattr(model.config, "model_type", None))
+    config.check_model(model.config, groups.topology)
+    _refuse_transformers_expert_parallel(model)
+
+    slots = family.experts_slots(model)
+    if not slots:
+        raise ValueError(f"hetermoe: found no routed-experts modules ({family.experts_class.__name__}) in the model.")
+    num_layers = family.num_moe_layers(model.config)
+    placement = ExpertPlacement.even(
+        num_layers=num_layers, num_experts=family.num_experts(model.config), host_ranks=groups.topology.host_ranks
+    )
+    _broadcast_from_first_attention_rank(model, groups)
+
+    first = model.get_submodule(slots[0].path)
+    dtype = getattr(first, family.expert_param_names[0]).dtype
+    full = {
+        slot.layer: {name: getattr(model.get_submodule(slot.path), name).detach() for name in family.expert_param_names}
+        for slot in slots
+    }
+    shard = None
+    if placement.holds_any(groups.rank):
+        shard = ExpertShard(
+            family=family, model_config=model.config, placement=placement, rank=groups.rank, device=groups.device,
+            dtype=dtype, num_replicas=groups.topology.num_attention,
+        )
+        shard.load_local_weights(shard.slice_full(full))
+
+    engine = HeterMoEEngine(
+        groups=groups, config=config, family=family, model_config=model.config, placement=placement, shard=shard,
+        slot_paths={slot.layer: slot.path for slot in slots},
+    )
+    if groups.is_leader and engine.has_servers:
+        payload = build_setup_payload(
+            model_config=model.config, placement=placement, dtype=dtype, num_replicas=groups.topology.num_attention
+        )
+        engine.command(Op.SETUP, payload=payload)
+        for server in groups.topology.expert_ranks:
+            index = {layer: torch.tensor(placement.local_experts(server, layer)) for layer in full}
+            engine.channel.send_tensor_dict(server, {
+                f"{layer}/{name}": tensor.index_select(0, index[layer])
+                for layer, tensors in full.items() if len(index[layer]) for name, tensor in tensors.items()
+            })
+    # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
+    engine.expert_specs = {name: (tuple(t.shape), t.dtype) for name, t in full[slots[0].layer].items()}
+    del full
+
+    for slot in slots:
+        original = model.get_submodule(slot.path)
+        parent_path, _, attr = slot.path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        for name in family.expert_param_names:
+            # Release the local copy: the experts live on their holders now.
+            getattr(original, name).data = torch.empty(0, dtype=dtype, device=getattr(original, name).device)
+        setattr(parent, attr, HeterMoEExperts(
+            engine=engine, layer=slot.layer, num_experts=placement.num_experts, original=original
+        ))
+    model.__dict__[_ENGINE_ATTR] = engine
+    model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine)
+    logger.info("hetermoe: %s; experts:\n%s", groups.topology.describe(), placement.describe())
+    return engine
+
+
+def state_hooks(model: nn.Module) -> ExpertStateHooks:
+    return model.__dict__[_HOOKS_ATTR]
+
+
+def gather_expert_weights(model: nn.Module) -> dict | None:
+    """Collective over attention ranks: full expert tensors on attention rank 0 (None elsewhere)."""
+    return get_engine(model).gather_expert_weights(collective=True)
+
+
+def revert_hetermoe(model: nn.Module) -> nn.Module:
+    """Undo `apply_hetermoe`: put the stock experts modules back, holding the current (trained) weights.
+
+    A collective over the attention ranks: every attention rank calls it and ends with the full model.
+    """
+    engine = get_engine(model)
+    if engine is None:
+        return model
+    full = engine.gather_expert_weights(collective=True)
+    group = engine.groups.attention
+    if group is not None:
+        # Share the gathered experts with every attention replica.
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        for layer in sorted(engine.slot_paths):
+            for name, (shape, dtype) in engine.expert_specs.items():
+                if full is None or layer not in full or name not in full[layer]:
+                    tensor = torch.empty(shape, dtype=dtype, device=engine.groups.device)
+                else:
+                    tensor = full[layer][name].to(engine.groups.device).contiguous()
+                wait(group.broadcast([tensor], opts), "the expert broadcast", engine.groups.rank)
+                full = full if full is not None else {}
+                full.setdefault(layer, {})[name] = tensor
+    for layer, path in engine.slot_paths.items():
+        stand_in = model.get_submodule(path)
+        original = stand_in._original_experts
+        for name in engine.family.expert_param_names:
+            getattr(original, name).data = full[layer][name].to(engine.groups.device).clone()
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, original)
+    state_hooks(model).remove()
+    del model.__dict__[_ENGINE_ATTR]
+    del model.__dict__[_HOOKS_ATTR]
+    return model
+
