@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_hetermoe", "hf_hetermoe.*", "model_patches", "model_patches.*"]),
-    package_data={"hf_hetermoe": ["data/*.txt", "data/*.json", "recipes/*.yaml"]},
+    package_data={"hf_hetermoe": ["data/*.txt", "data/*.md", "recipes/*.yaml", "recipes/*.py"]},
     include_package_data=True,
     install_requires=[
         # torch is required, but .ci/run installs the CPU build (torch==2.13.0) first when torch is missing:

@@ -225,6 +225,11 @@ class HeterMoEConfig:
         return out
 
     # ---- stage 2: plus the world size ---------------------------------------------------------------
+    @property
+    def uses_auto_roles(self) -> bool:
+        """Roles come from each rank's device generation (newest -> attention), known only at launch."""
+        return self.mode == "disaggregated" and self.expert_ranks is None and self.attention_ranks in (None, "auto")
+
     def resolve_topology(self, world_size: int, device_capabilities: list[tuple[int, int]] | None = None) -> Topology:
         """Decide each rank's role for `world_size` processes.
 

@@ -1,0 +1,196 @@
+"""`python -m hf_hetermoe.launch --hetermoe-config CFG.yaml SCRIPT.py [args]`: one process of a HeterMoE job.
+
+Started by `accelerate launch` / torchrun (or `hetermoe launch`, which fills in those arguments). Each process:
+1. reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and validates the config against the world
+   (every rank does the same checks, so a bad config fails everywhere before any group waits);
+2. connects to the rendezvous store and builds the HeterMoE groups over all ranks (DESIGN.md section 2);
+3. attention ranks rewrite RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE to the attention world and run the
+   script with runpy, every `Trainer` it builds carrying a `HeterMoECallback`; at the end the leader tells the
+   expert servers to stop (or why the job failed);
+4. expert ranks run the expert server and exit 0 when told to stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import inspect
+import json
+import logging
+import os
+import runpy
+import sys
+import traceback
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .config import HeterMoEConfig, Topology
+from .control import CommandChannel, Op
+from .groups import HeterMoEGroups
+
+logger = logging.getLogger("hf_hetermoe.launch")
+
+_ENV_ORIGINAL = "HETERMOE_GLOBAL_"  # prefix under which the launcher keeps the global values it rewrote
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise ValueError(
+            f"hetermoe: environment variable {name} is not set. Start the job with `hetermoe launch --config CFG "
+            "--num-processes N SCRIPT.py` (or `accelerate launch --multi_gpu ... -m hf_hetermoe.launch`)."
+        )
+    return int(value)
+
+
+def connect_store(*, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The rendezvous store: the launcher agent's (torchrun / accelerate launch) or one hosted by global rank 0."""
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = _env_int("MASTER_PORT")
+    timeout = datetime.timedelta(seconds=max(timeout_s, 60))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout, multi_tenant=True)
+    # Without an agent, global rank 0 hosts the store; the attention world's own init_process_group must then
+    # connect to it as a client rather than start a second server on the same port.
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    return store
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _device_capabilities(store: dist.Store, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int]]:
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    store.set(f"hetermoe/capability/{rank}", json.dumps(cap))
+    return [tuple(json.loads(store.get(f"hetermoe/capability/{r}"))) for r in range(world_size)]
+
+
+def _rewrite_env_for_attention_world(topology: Topology, rank: int, device: torch.device) -> None:
+    """Make Accelerate and the Trainer see only the attention ranks."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        if name in os.environ:
+            os.environ[_ENV_ORIGINAL + name] = os.environ[name]
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
+    node = rank // local_world
+    local_attention = [r for r in topology.attention_ranks if r // local_world == node]
+    os.environ["RANK"] = str(topology.attention_index(rank))
+    os.environ["WORLD_SIZE"] = str(topology.num_attention)
+    os.environ["LOCAL_WORLD_SIZE"] = str(len(local_attention))
+    if device.type != "cuda":
+        # On GPUs LOCAL_RANK stays the physical device index Accelerate selects; on CPU it is the local index.
+        os.environ["LOCAL_RANK"] = str(local_attention.index(rank))
+
+
+@contextlib.contextmanager
+def trainers_carry_callback(config: HeterMoEConfig, groups: HeterMoEGroups) -> Iterator[None]:
+    """While active, every `transformers.Trainer` (and subclass) gets a HeterMoECallback with these groups."""
+    from transformers import Trainer
+
+    from .integrations.trainer import HeterMoECallback
+
+    original_init = Trainer.__init__
+    signature = inspect.signature(original_init)
+
+    def patched_init(self, *args, **kwargs):
+        bound = signature.bind_partial(self, *args, **kwargs)
+        callbacks = list(bound.arguments.get("callbacks") or [])
+        ours = [cb for cb in callbacks if isinstance(cb, HeterMoECallback) or cb is HeterMoECallback]
+        if not ours:
+            callbacks.append(HeterMoECallback(config, groups=groups))
+        else:
+            for i, cb in enumerate(callbacks):
+                if cb is HeterMoECallback:
+                    callbacks[i] = HeterMoECallback(config, groups=groups)
+                elif isinstance(cb, HeterMoECallback) and cb.groups is None:
+                    cb.config, cb.groups = config, groups
+        bound.arguments["callbacks"] = callbacks
+        original_init(*bound.args, **bound.kwargs)
+
+    Trainer.__init__ = patched_init
+    try:
+        yield
+    finally:
+        Trainer.__init__ = original_init
+
+
+def run_script(script: str, args: list[str]) -> None:
+    """Run a training script as `__main__`, with its own argv."""
+    if not os.path.isfile(script):
+        raise ValueError(f"hetermoe: training script {script!r} does not exist.")
+    saved_argv = sys.argv
+    sys.argv = [script, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+
+
+def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None:
+    """Run this process's role in a HeterMoE job: `attention_main()` on attention ranks, the server elsewhere."""
+    rank = _env_int("RANK")
+    world_size = _env_int("WORLD_SIZE")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = _device(local_rank)
+    if config.uses_auto_roles:
+        store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
+        caps = _device_capabilities(store, rank, world_size, device)
+        topology = config.resolve_topology(world_size, caps)
+    else:
+        topology = config.resolve_topology(world_size)  # ValueError here, before any group waits
+        store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
+    groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=config.timeout_s, device=device)
+    if not topology.is_attention(rank):
+        from .expert_server import serve
+
+        serve(groups)
+        return
+
+    channel = CommandChannel(groups.control, rank=rank, leader=groups.leader, servers=topology.expert_ranks)
+    if rank == groups.leader:
+        logger.info("hetermoe: %s", topology.describe())
+    _rewrite_env_for_attention_world(topology, rank, device)
+    try:
+        with trainers_carry_callback(config, groups):
+            attention_main()
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            _stop_servers(channel, groups)
+            raise
+        if rank == groups.leader and topology.expert_ranks:
+            reason = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            with contextlib.suppress(Exception):
+                channel.broadcast(Op.ABORT, payload={"reason": f"attention rank 0: {reason}"})
+        raise
+    _stop_servers(channel, groups)
+
+
+def _stop_servers(channel: CommandChannel, groups: HeterMoEGroups) -> None:
+    if groups.is_leader and groups.topology.expert_ranks:
+        channel.broadcast(Op.STOP)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_hetermoe.launch",
+        description="One process of a HeterMoE job (started by `hetermoe launch` or `accelerate launch`).",
+    )
+    parser.add_argument("--hetermoe-config", required=True, help="path of the hetermoe YAML config")
+    parser.add_argument("script", help="training script run on the attention ranks")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HETERMOE_LOG_LEVEL", "WARNING"))
+    config = HeterMoEConfig.from_yaml(ns.hetermoe_config)
+    run_rank(config, lambda: run_script(ns.script, ns.script_args))
+
+
+if __name__ == "__main__":
+    main()
