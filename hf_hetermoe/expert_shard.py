@@ -45,6 +45,10 @@ def optimizer_hyperparams(optimizer: torch.optim.Optimizer, group_index: int) ->
     return out
 
 
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def import_class(path: str) -> type:
     module_name, _, qualname = path.partition(":")
     if module_name == "__main__":
@@ -133,7 +137,10 @@ class ExpertShard:
                 torch.autocast(self.device.type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext()
             )
-            with torch.set_grad_enabled(keep), autocast:
+            # The experts' graph is the holder's own: keep it out of any activation checkpoint the attention model
+            # is running (in-process holders), whose saved-tensor hooks would count it as part of the layer.
+            own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
+            with torch.set_grad_enabled(keep), autocast, own_graph:
                 index_R1 = local_expert_R.to(x.device).unsqueeze(1)
                 weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
                 y = module(x, index_R1, weight_R1)

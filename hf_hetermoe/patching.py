@@ -85,6 +85,21 @@ def _broadcast_from_first_attention_rank(model: nn.Module, groups: HeterMoEGroup
             t.copy_(synced)
 
 
+def _refuse_unbuilt_features(config: HeterMoEConfig) -> None:
+    # Accepted by the config schema so files stay forward compatible, but not built yet: refuse rather than
+    # silently train without them.
+    if config.zebra.microbatches != 1:
+        raise ValueError(
+            f"hetermoe: zebra.microbatches={config.zebra.microbatches} asks for zebra parallelism, which this version "
+            "does not implement yet; set `zebra: {microbatches: 1}`."
+        )
+    if config.asym_ea != "off":
+        raise ValueError(
+            f"hetermoe: asym_ea={config.asym_ea!r} asks for experts on attention ranks, which this version does not "
+            "implement yet; set `asym_ea: off`."
+        )
+
+
 def _refuse_transformers_expert_parallel(model: nn.Module) -> None:
     dist_config = getattr(model.config, "distributed_config", None)
     if getattr(dist_config, "enable_expert_parallel", False) or any(
@@ -110,6 +125,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         raise ValueError(f"hetermoe: rank {groups.rank} is an expert rank; only attention ranks run the model.")
     family = get_family(getattr(model.config, "model_type", None))
     config.check_model(model.config, groups.topology)
+    _refuse_unbuilt_features(config)
     _refuse_transformers_expert_parallel(model)
 
     slots = family.experts_slots(model)

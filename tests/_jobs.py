@@ -40,6 +40,26 @@ def tiny_dataset(num_rows: int = 96, seq_len: int = 16, vocab: int = 96, seed: i
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
+class LocalHub:
+    """Stands in for the Hub API the Trainer uses (`transformers.trainer.hf_api()`): uploads go to a local folder."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def create_repo(self, repo_id, **kwargs):
+        os.makedirs(os.path.join(self.root, repo_id), exist_ok=True)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        import shutil
+
+        shutil.copytree(folder_path, os.path.join(self.root, repo_id), dirs_exist_ok=True)
+        return None
+
+
+PROMPT = [[5, 17, 33, 2, 61, 8]]
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -90,15 +110,27 @@ def train(spec: dict) -> dict | None:
         from hf_hetermoe import HeterMoECallback, HeterMoEConfig
 
         callbacks.append(HeterMoECallback(HeterMoEConfig(mode="colocated")))
+    if spec.get("push_to_dir"):
+        import transformers.trainer
+
+        transformers.trainer.hf_api = lambda: LocalHub(spec["push_to_dir"])
+        args.push_to_hub, args.hub_model_id = True, "local/tiny-mixtral"
     eval_dataset = tiny_dataset(num_rows=16, seed=1) if spec.get("eval_steps") else None
     trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), eval_dataset=eval_dataset,
                       callbacks=callbacks)
     trainer.train(resume_from_checkpoint=spec.get("resume_from"))
     if spec.get("final_dir"):
         trainer.save_model(spec["final_dir"])
+    if spec.get("push_to_dir"):
+        trainer.push_to_hub()
+    generated = None
+    if spec.get("generate"):
+        model.eval()
+        with torch.no_grad():
+            generated = model.generate(torch.tensor(PROMPT), max_new_tokens=8, do_sample=False).tolist()
     if not trainer.is_world_process_zero():
         return None
-    return {"losses": losses, "log_history": trainer.state.log_history}
+    return {"losses": losses, "log_history": trainer.state.log_history, "generated": generated}
 
 
 def train_under_launcher(hetermoe_config: dict, spec: dict) -> dict | None:

@@ -1,0 +1,139 @@
+"""Golden tests, multi-process on gloo: HeterMoE training equals stock training, step for step.
+
+8 optimizer steps of a tiny Mixtral (random init from a fixed seed, AdamW, warm-up + linear decay, clipping,
+gradient accumulation 2, aux loss on) through the stock Trainer: per-micro-batch losses (rtol 1e-5) and final
+weights (atol 1e-5) equal stock transformers, single process for M=1 and stock DDP over M gloo ranks for M=2.
+Checkpoints load into stock MixtralForCausalLM; resuming from step 4 reaches the straight run's weights.
+"""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import MixtralForCausalLM
+
+from hf_hetermoe.checkpoint import EXPERT_OPTIMIZER_FILE
+from tests._dist import spawn
+from tests._jobs import PROMPT, train, train_under_launcher
+
+M1 = {"attention_ranks": [0]}          # rank 0 attention, the rest expert servers
+M2 = {"attention_ranks": [0, 1]}
+
+
+def stock_weights(folder) -> dict:
+    return MixtralForCausalLM.from_pretrained(folder).state_dict()
+
+
+def assert_same_weights(folder_a, folder_b, atol=1e-5) -> None:
+    a, b = stock_weights(folder_a), stock_weights(folder_b)
+    assert set(a) == set(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst:.3g}"
+
+
+def assert_same_losses(reference: dict, ours: dict, rtol=1e-5) -> None:
+    assert len(ours["losses"]) == len(reference["losses"]) == 16
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(reference["losses"]), rtol=rtol, atol=0)
+
+
+def logged(result: dict, key: str) -> list[float]:
+    return [h[key] for h in result["log_history"] if key in h]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("golden")
+
+
+@pytest.fixture(scope="module")
+def stock_single(base):
+    """Stock transformers, one process (the reference for M = 1)."""
+    runs = {}
+    for checkpointing in (False, True):
+        name = f"stock_single_gc{int(checkpointing)}"
+        runs[checkpointing] = train({"output_dir": str(base / name), "final_dir": str(base / f"{name}_final"),
+                                     "gradient_checkpointing": checkpointing})
+    return runs
+
+
+@pytest.fixture(scope="module")
+def stock_ddp(base):
+    """Stock transformers, DDP over 2 gloo ranks (the reference for M = 2), with evaluation and generate."""
+    spec = {"output_dir": str(base / "ddp"), "final_dir": str(base / "ddp_final"), "eval_steps": 4, "generate": True}
+    return spawn(2, train, spec)[0]
+
+
+def test_m1_n1_gradient_checkpointing_and_push_to_hub(base, stock_single):
+    hub = base / "hub"
+    spec = {"output_dir": str(base / "m1n1"), "final_dir": str(base / "m1n1_final"),
+            "gradient_checkpointing": True, "push_to_dir": str(hub)}
+    ours = spawn(2, train_under_launcher, M1, spec)[0]
+    assert_same_losses(stock_single[True], ours)
+    assert_same_weights(base / "stock_single_gc1_final", base / "m1n1_final")
+    # The uploaded folder is the complete stock checkpoint.
+    pushed = hub / "local" / "tiny-mixtral"
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= set(os.listdir(pushed))
+    assert_same_weights(pushed, base / "m1n1_final", atol=0)
+
+
+def test_m1_n2_and_resume(base, stock_single):
+    straight = {"output_dir": str(base / "m1n2"), "final_dir": str(base / "m1n2_final"), "save_steps": 4}
+    ours = spawn(3, train_under_launcher, M1, straight)[0]
+    assert_same_losses(stock_single[False], ours)
+    assert_same_weights(base / "stock_single_gc0_final", base / "m1n2_final")
+    assert logged(ours, "grad_norm") == pytest.approx(logged(stock_single[False], "grad_norm"), rel=1e-5)
+
+    checkpoint = base / "m1n2" / "checkpoint-4"
+    # A mid-run checkpoint is stock too, with the experts' optimizer state beside the Trainer's.
+    assert isinstance(MixtralForCausalLM.from_pretrained(checkpoint), MixtralForCausalLM)
+    with safe_open(checkpoint / EXPERT_OPTIMIZER_FILE, "pt") as fh:
+        keys = list(fh.keys())
+        assert fh.metadata()["format"].startswith("hf-hetermoe")
+    assert "model.layers.0.mlp.experts.gate_up_proj#exp_avg" in keys
+
+    # Resume from step 4 in fresh processes: same topology, then a different number of expert ranks.
+    resumed = {"output_dir": str(base / "m1n2"), "final_dir": str(base / "resumed_n2"), "resume_from": str(checkpoint)}
+    spawn(3, train_under_launcher, M1, resumed)
+    assert_same_weights(base / "m1n2_final", base / "resumed_n2")
+    resumed_n1 = resumed | {"output_dir": str(base / "m1n1_resume"), "final_dir": str(base / "resumed_n1")}
+    spawn(2, train_under_launcher, M1, resumed_n1)
+    assert_same_weights(base / "m1n2_final", base / "resumed_n1")
+
+
+def test_m2_n2_equals_stock_ddp_with_eval_and_generate(base, stock_ddp):
+    spec = {"output_dir": str(base / "m2n2"), "final_dir": str(base / "m2n2_final"), "eval_steps": 4, "generate": True}
+    ours = spawn(4, train_under_launcher, M2, spec)[0]
+    assert_same_losses(stock_ddp, ours)
+    assert_same_weights(base / "ddp_final", base / "m2n2_final")
+    assert logged(ours, "eval_loss") == pytest.approx(logged(stock_ddp, "eval_loss"), rel=1e-5)
+    assert len(logged(ours, "eval_loss")) == 2
+    assert ours["generated"] == stock_ddp["generated"]
+    assert ours["generated"][0][: len(PROMPT[0])] == PROMPT[0] and len(ours["generated"][0]) == len(PROMPT[0]) + 8
+
+
+def test_colocated_two_ranks_without_launcher_equals_stock_ddp(base, stock_ddp):
+    spec = {"output_dir": str(base / "coloc"), "final_dir": str(base / "coloc_final"), "eval_steps": 4,
+            "generate": True, "colocated_callback": True}
+    ours = spawn(2, train, spec)[0]
+    assert_same_losses(stock_ddp, ours)
+    assert_same_weights(base / "ddp_final", base / "coloc_final")
+    assert ours["generated"] == stock_ddp["generated"]
+
+
+def _failing_job(hetermoe_config):
+    from hf_hetermoe.config import HeterMoEConfig
+    from hf_hetermoe.launch import run_rank
+
+    def attention_main():
+        raise RuntimeError("the training script broke")
+
+    run_rank(HeterMoEConfig.from_dict(hetermoe_config), attention_main)
+
+
+def test_failure_on_attention_rank_stops_the_servers():
+    with pytest.raises(AssertionError) as info:
+        spawn(2, _failing_job, M1, timeout=120)
+    message = str(info.value)
+    assert "the training script broke" in message  # rank 0's own error
+    assert "expert rank 1 stopped because the attention ranks failed" in message  # the server was told why
