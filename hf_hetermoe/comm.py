@@ -76,8 +76,9 @@ class ExpertExchanger:
         self.is_attention = groups.is_attention
         self.attention_mask = [groups.topology.is_attention(r) for r in range(self.world)]
         # local_of[layer][rank] = experts of `layer` held by `rank`, in local order
-        self.local_of = [[placement.local_experts(r, layer) for r in range(self.world)] for layer in range(placement.num_layers)]
-        self.owner_E = [torch.tensor(row, dtype=torch.int64) for row in placement.owner]
+        self.local_of = {
+            layer: [placement.local_experts(r, layer) for r in range(self.world)] for layer in placement.layers
+        }
 
     # ---- counts -----------------------------------------------------------------------------------------
     def plan(self, layer: int, counts_E: torch.Tensor | None, row_dtype: torch.dtype) -> ExchangePlan:

@@ -291,13 +291,13 @@ class HeterMoEConfig:
                 f"{hosts} expert-holding ranks ({list(topology.host_ranks)}). Use a number of expert ranks that "
                 f"divides {num_experts} (e.g. {_divisors(num_experts, hosts)})."
             )
-        num_layers = family.num_moe_layers(model_config)
+        moe_layers = family.moe_layers(model_config)
         if isinstance(self.asym_ea, dict):
-            bad = [layer for layer in self.asym_ea if layer >= num_layers]
+            bad = [layer for layer in self.asym_ea if layer not in moe_layers]
             if bad:
                 raise _fail(
-                    "asym_ea", f"names layer(s) {bad} but the model has {num_layers} MoE layers (0..{num_layers - 1})",
-                    "Name existing layers.",
+                    "asym_ea", f"names layer(s) {bad}, which have no routed experts (MoE layers: {list(moe_layers)})",
+                    "Name MoE layers.",
                 )
 
 

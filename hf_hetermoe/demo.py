@@ -44,7 +44,7 @@ def summarise(output_dir: str, config: HeterMoEConfig, wall_s: float) -> dict:
     train = [h for h in state["log_history"] if "train_loss" in h][-1]  # the end-of-training entry
     topology = config.resolve_topology(4)
     placement = ExpertPlacement.even(
-        num_layers=DEMO_MODEL["num_hidden_layers"], num_experts=DEMO_MODEL["num_local_experts"],
+        layers=tuple(range(DEMO_MODEL["num_hidden_layers"])), num_experts=DEMO_MODEL["num_local_experts"],
         host_ranks=topology.host_ranks,
     )
     return {

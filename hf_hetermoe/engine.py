@@ -45,7 +45,7 @@ class HeterMoEEngine:
         self.slot_paths = slot_paths  # layer -> module path of its experts ("model.layers.0.mlp.experts")
         self.topology = groups.topology
         self.num_replicas = self.topology.num_attention
-        self.owner_E = [torch.tensor(row, dtype=torch.int64) for row in placement.owner]
+        self.owner_E = {layer: torch.tensor(row, dtype=torch.int64) for layer, row in placement.owner.items()}
         self.first_layer = min(slot_paths)
         self.exchanger = ExpertExchanger(
             groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size
@@ -215,7 +215,7 @@ class HeterMoEEngine:
 
     def _assemble(self, pieces: dict[int, dict[str, torch.Tensor]], name_of) -> dict[int, dict[str, torch.Tensor]]:
         full: dict[int, dict[str, torch.Tensor]] = {}
-        for layer in range(self.placement.num_layers):
+        for layer in self.placement.layers:
             for name in self.family.expert_param_names:
                 parts = []
                 for holder, tensors in pieces.items():

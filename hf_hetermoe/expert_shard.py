@@ -74,7 +74,7 @@ class ExpertShard:
         self.num_replicas = num_replicas
         self.local: dict[int, tuple[int, ...]] = {}  # layer -> expert ids held here
         self.modules: dict[int, nn.Module] = {}  # layer -> stock experts module with the local experts
-        for layer in range(placement.num_layers):
+        for layer in placement.layers:
             experts = placement.local_experts(rank, layer)
             if experts:
                 self.local[layer] = experts

@@ -131,9 +131,14 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     slots = family.experts_slots(model)
     if not slots:
         raise ValueError(f"hetermoe: found no routed-experts modules ({family.experts_class.__name__}) in the model.")
-    num_layers = family.num_moe_layers(model.config)
+    if sorted(s.layer for s in slots) != list(family.moe_layers(model.config)):
+        raise ValueError(
+            f"hetermoe: the model has routed experts in layers {[s.layer for s in slots]} but its config describes "
+            f"MoE layers {list(family.moe_layers(model.config))}."
+        )
     placement = ExpertPlacement.even(
-        num_layers=num_layers, num_experts=family.num_experts(model.config), host_ranks=groups.topology.host_ranks
+        layers=family.moe_layers(model.config), num_experts=family.num_experts(model.config),
+        host_ranks=groups.topology.host_ranks,
     )
     _broadcast_from_first_attention_rank(model, groups)
 

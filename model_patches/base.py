@@ -40,8 +40,9 @@ class MoEFamily:
     def num_experts(self, config: Any) -> int:
         return int(getattr(config, self.num_experts_attr))
 
-    def num_moe_layers(self, config: Any) -> int:
-        return int(config.num_hidden_layers)
+    def moe_layers(self, config: Any) -> tuple[int, ...]:
+        """Decoder-layer indices that have routed experts (all of them unless the family keeps some dense)."""
+        return tuple(range(int(config.num_hidden_layers)))
 
     # ---- the model -------------------------------------------------------------------------------------
     def experts_slots(self, model: nn.Module) -> list[ExpertsSlot]:

@@ -118,14 +118,14 @@ def test_model_checks():
 
     with pytest.raises(ValueError, match=r"not supported.*mixtral"):
         cfg.check_model(Llama(), cfg.resolve_topology(3))
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(ValueError, match="no routed experts"):
         HeterMoEConfig(attention_ranks=[0], asym_ea={7: 1}).check_model(tiny_mixtral_config(), cfg.resolve_topology(3))
 
 
 def test_even_placement():
-    placement = ExpertPlacement.even(num_layers=2, num_experts=4, host_ranks=(2, 3))
+    placement = ExpertPlacement.even(layers=(0, 1), num_experts=4, host_ranks=(2, 3))
     assert placement.local_experts(2, 0) == (0, 1) and placement.local_experts(3, 1) == (2, 3)
     assert placement.local_experts(0, 0) == () and placement.ranks_holding() == (2, 3)
     assert ExpertPlacement.from_dict(placement.to_dict()) == placement
     with pytest.raises(ValueError, match="divide"):
-        ExpertPlacement.even(num_layers=1, num_experts=4, host_ranks=(1, 2, 3))
+        ExpertPlacement.even(layers=(0,), num_experts=4, host_ranks=(1, 2, 3))
