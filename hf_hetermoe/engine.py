@@ -54,6 +54,8 @@ class HeterMoEEngine:
             groups.control, rank=groups.rank, leader=groups.leader, servers=self.topology.expert_ranks
         )
         self.session = 0
+        groups.generation += 1
+        self.generation = groups.generation
         # Expert outputs of the current forward, by layer: a checkpointed layer's recompute reuses them
         # instead of running the experts again.
         self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan]]] = {}
@@ -69,6 +71,11 @@ class HeterMoEEngine:
 
     def command(self, op: Op, **kwargs: Any) -> None:
         """Leader: send a command to every expert server (no-op elsewhere or without servers)."""
+        if self.generation != self.groups.generation and self.has_servers:
+            raise ValueError(
+                "hetermoe: a newer model was patched with HeterMoE on the same expert ranks, so they no longer hold "
+                "this model's experts. Use one patched model at a time (revert_hetermoe the old one first to keep it)."
+            )
         if self.groups.is_leader and self.has_servers:
             self.channel.broadcast(op, **kwargs)
 

@@ -39,16 +39,7 @@ def build_setup_payload(*, model_config, placement: ExpertPlacement, dtype: torc
     }
 
 
-def serve(groups: HeterMoEGroups) -> None:
-    """Run the expert server on this rank until the leader sends STOP."""
-    channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader, servers=groups.topology.expert_ranks)
-    cmd = channel.receive()
-    if cmd.op == Op.STOP:
-        return  # the job ended before any model was set up
-    _check_not_aborted(cmd, groups.rank)
-    if cmd.op != Op.SETUP:
-        raise RuntimeError(f"hetermoe: expert rank {groups.rank} expected SETUP first, got {cmd.op.name}.")
-    setup = cmd.payload
+def _setup_shard(groups: HeterMoEGroups, channel: CommandChannel, setup: dict) -> tuple[ExpertShard, ExpertExchanger]:
     family = get_family(setup["model_type"])
     config_dict = dict(setup["model_config"])
     config_dict.pop("model_type", None)
@@ -63,13 +54,32 @@ def serve(groups: HeterMoEGroups) -> None:
     )
     shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
     exchanger = ExpertExchanger(groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size)
+    logger.info("hetermoe: expert rank %d holds %s", groups.rank, {layer: list(e) for layer, e in shard.local.items()})
+    return shard, exchanger
+
+
+def serve(groups: HeterMoEGroups) -> None:
+    """Run the expert server on this rank until the leader sends STOP.
+
+    Each SETUP (one per model the attention ranks patch) replaces the experts held here.
+    """
+    channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader, servers=groups.topology.expert_ranks)
+    shard: ExpertShard | None = None
+    exchanger: ExpertExchanger | None = None
     plans: dict[ExchangeKey, ExchangePlan] = {}
-    logger.info("hetermoe: expert rank %d holds %s", groups.rank,
-                {layer: list(e) for layer, e in shard.local.items()})
 
     while True:
         cmd = channel.receive()
         op = cmd.op
+        if op == Op.STOP:
+            return
+        _check_not_aborted(cmd, groups.rank)
+        if op == Op.SETUP:
+            shard, exchanger = _setup_shard(groups, channel, cmd.payload)
+            plans.clear()
+            continue
+        if shard is None:
+            raise RuntimeError(f"hetermoe: expert rank {groups.rank} got {op.name} before any model was set up.")
         if op == Op.FORWARD:
             layer, stripe, session, keep, autocast_code, row_code = cmd.ints[:6]
             key = ExchangeKey(session=session, layer=layer, stripe=stripe)
@@ -103,10 +113,7 @@ def serve(groups: HeterMoEGroups) -> None:
             channel.send_tensor_dict(groups.leader, shard.optimizer_state())
         elif op == Op.LOAD_OPTIM:
             shard.load_optimizer_state(channel.recv_tensor_dict(groups.leader))
-        elif op == Op.STOP:
-            return
         else:
-            _check_not_aborted(cmd, groups.rank)
             raise RuntimeError(f"hetermoe: expert rank {groups.rank} got unexpected command {op.name}.")
 
 

@@ -40,6 +40,9 @@ class HeterMoEGroups:
     attention: Any | None  # None on expert servers, and when there is one attention rank
     device: torch.device
     timeout_s: float
+    # Incremented each time a model is patched over these groups: the expert servers then hold that model's
+    # experts, and an older patched model must not use them.
+    generation: int = 0
 
     @property
     def world_size(self) -> int:
