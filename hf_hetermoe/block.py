@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import zebra
+
 
 class ExpertExchange(torch.autograd.Function):
     """forward: dispatch rows to their experts' holders, run the experts there, combine the outputs (y_PH).
@@ -59,9 +61,13 @@ class HeterMoEExperts(nn.Module):
         perm_P = torch.argsort(owner_P * self.num_experts + expert_P, stable=True)
         counts_E = torch.bincount(expert_P, minlength=self.num_experts).cpu()
         x_PH = hidden_TH[perm_P // top_k]
-        # Grad mode and autocast are read here: inside an autograd Function's forward grad mode is off.
-        context = self.engine.forward_context(x_PH)
-        y_PH = ExpertExchange.apply(x_PH, self.engine, self.layer, counts_E, context)
+        if zebra.active_stripe() is not None:
+            # Inside a zebra stripe: dispatch asynchronously and let the next stripe run (see zebra.py).
+            y_PH = zebra.exchange_in_stripe(self.engine, self.layer, x_PH, counts_E)
+        else:
+            # Grad mode and autocast are read here: inside an autograd Function's forward grad mode is off.
+            context = self.engine.forward_context(x_PH)
+            y_PH = ExpertExchange.apply(x_PH, self.engine, self.layer, counts_E, context)
         inv_perm_P = torch.empty_like(perm_P)
         inv_perm_P[perm_P] = torch.arange(perm_P.numel(), device=perm_P.device)
         # Weights are applied on combine, as the stock experts forward does: (y * w) summed over k.

@@ -146,3 +146,86 @@ class ExpertExchanger:
         dx_PH = alltoall(self.groups.combine, dx_RH.to(plan.row_dtype), plan.recv_splits, plan.send_splits,
                          f"the combine of layer {key.layer} (backward)", self.rank)
         return dx_PH if self.is_attention else None
+
+
+# ---- asynchronous exchanges (zebra) --------------------------------------------------------------------------
+@dataclass
+class PendingExchange:
+    """Collectives issued for one (layer, stripe) exchange; `wait()` returns the received rows."""
+
+    works: list[tuple[Any, str]]
+    result: torch.Tensor
+    rank: int
+    keep_alive: tuple = ()  # send buffers must live until their collective completes
+    done_at: list[float] | None = None  # completion time of the receive, when the backend reports it
+
+    def wait(self) -> torch.Tensor:
+        for work, what in self.works:
+            wait(work, what, self.rank)
+        return self.result
+
+
+class ReceiveBuffers:
+    """Receive buffers reused across steps, one per (layer, stripe, direction), grown when a step needs more rows."""
+
+    def __init__(self, hidden_size: int, device: torch.device):
+        self.hidden_size = hidden_size
+        self.device = device
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dtype:
+            buf = torch.empty(max(rows, 1), self.hidden_size, dtype=dtype, device=self.device)
+            self._buffers[key] = buf
+        return buf[:rows]
+
+
+def _issue(group: Any, recv: torch.Tensor, send: torch.Tensor, recv_splits: list[int], send_splits: list[int]):
+    if group.size() == 1:
+        raise AssertionError("asynchronous exchanges need expert ranks")
+    return group.alltoall_base(recv, send, recv_splits, send_splits, dist.AllToAllOptions())
+
+
+class AsyncAttentionExchanger:
+    """Exchanges of an attention rank that holds no experts, issued without waiting.
+
+    Such a rank needs nothing back from the count exchange: it receives exactly the rows it sent. So it issues
+    counts, rows and the result receive at once and goes on computing; only `PendingExchange.wait()` blocks.
+    """
+
+    def __init__(self, exchanger: ExpertExchanger, buffers: ReceiveBuffers):
+        assert exchanger.is_attention and exchanger.shard is None
+        self.x = exchanger
+        self.buffers = buffers
+
+    def forward(self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor) -> tuple[PendingExchange, ExchangePlan]:
+        x, world, rank = self.x, self.x.world, self.x.rank
+        local_of = x.local_of[key.layer]
+        counts = torch.cat([counts_E[list(local_of[d])] for d in range(world)]).to(torch.int64)
+        count_splits = [len(local_of[d]) for d in range(world)]
+        send_splits = [int(counts_E[list(local_of[d])].sum()) for d in range(world)]
+        none = [0] * world
+        plan = ExchangePlan(send_splits=send_splits, recv_splits=none, recv_local_expert_R=None, row_dtype=x_PH.dtype)
+        x_PH = x_PH.contiguous()
+        y_PH = self.buffers.get((key.layer, key.stripe, "F"), x_PH.shape[0], x_PH.dtype)
+        empty_i = torch.empty(0, dtype=torch.int64)
+        empty_x = x_PH.new_empty((0, x_PH.shape[1]))
+        works = [
+            (_issue(x.groups.dispatch, empty_i, counts, none, count_splits), f"the expert-count exchange of layer {key.layer}"),
+            (_issue(x.groups.dispatch, empty_x, x_PH, none, send_splits), f"the dispatch of layer {key.layer} stripe {key.stripe} (forward)"),
+            (_issue(x.groups.combine, y_PH, empty_x, send_splits, none), f"the combine of layer {key.layer} stripe {key.stripe} (forward)"),
+        ]
+        return PendingExchange(works=works, result=y_PH, rank=rank, keep_alive=(counts, x_PH, empty_x, empty_i)), plan
+
+    def backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor) -> PendingExchange:
+        x, world = self.x, self.x.world
+        none = [0] * world
+        dy_PH = dy_PH.to(plan.row_dtype).contiguous()
+        dx_PH = self.buffers.get((key.layer, key.stripe, "B"), dy_PH.shape[0], plan.row_dtype)
+        empty = dy_PH.new_empty((0, dy_PH.shape[1]))
+        works = [
+            (_issue(x.groups.dispatch, empty, dy_PH, none, plan.send_splits), f"the dispatch of layer {key.layer} stripe {key.stripe} (backward)"),
+            (_issue(x.groups.combine, dx_PH, empty, plan.send_splits, none), f"the combine of layer {key.layer} stripe {key.stripe} (backward)"),
+        ]
+        return PendingExchange(works=works, result=dx_PH, rank=x.rank, keep_alive=(dy_PH, empty))

@@ -5,7 +5,7 @@ A config file looks like::
     attention_ranks: [0, 1]      # global ranks, or "auto" (ranks on the newest devices)
     expert_ranks: [2, 3]         # default: every rank not listed as attention
     mode: disaggregated          # or colocated (every rank runs attention and holds 1/W of the experts)
-    zebra: {microbatches: 1}     # R: stripes per micro-batch
+    zebra: {microbatches: 2}     # R: stripes per micro-batch (default 2 disaggregated, 1 colocated)
     asym_ea: off                 # off | auto | {layer: experts moved per expert rank}
     timeout_s: 300               # how long a data-path collective may wait before it fails
 
@@ -51,9 +51,20 @@ def _as_rank_list(field_name: str, value: Any) -> tuple[int, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class ZebraConfig:
-    """Zebra parallelism: each micro-batch is split into `microbatches` (R) stripes on the batch axis."""
+    """Zebra parallelism: each micro-batch is split into `microbatches` (R) stripes on the batch axis.
 
-    microbatches: int = 1
+    `microbatches` None means the default: 2 with expert ranks (disaggregated), 1 when colocated.
+    `expert_recompute`: expert servers keep only their inputs between forward and backward and recompute the
+    experts' activations in backward (less memory, one more expert forward).
+    """
+
+    microbatches: int | None = None
+    expert_recompute: bool = False
+
+    def stripes(self, mode: str) -> int:
+        if self.microbatches is not None:
+            return self.microbatches
+        return 2 if mode == "disaggregated" else 1
 
     @classmethod
     def from_dict(cls, data: Any) -> "ZebraConfig":
@@ -63,11 +74,14 @@ class ZebraConfig:
             raise _fail("zebra", f"must be a mapping, got {data!r}", "Write e.g. `zebra: {microbatches: 2}`.")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise _fail("zebra", f"has unknown key(s) {unknown}", "The only key is `microbatches`.")
-        r = data.get("microbatches", 1)
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise _fail("zebra", f"has unknown key(s) {unknown}", "Known keys: microbatches, expert_recompute.")
+        r = data.get("microbatches")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise _fail("zebra.microbatches", f"must be an integer >= 1, got {r!r}", "Use 1 (no zebra), 2 or 4.")
-        return cls(microbatches=r)
+        recompute = data.get("expert_recompute", False)
+        if not isinstance(recompute, bool):
+            raise _fail("zebra.expert_recompute", f"must be true or false, got {recompute!r}", "Use true or false.")
+        return cls(microbatches=r, expert_recompute=recompute)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,7 +171,8 @@ class HeterMoEConfig:
             "attention_ranks": list(att) if isinstance(att, tuple) else att,
             "expert_ranks": list(self.expert_ranks) if self.expert_ranks is not None else None,
             "mode": self.mode,
-            "zebra": {"microbatches": self.zebra.microbatches},
+            "zebra": {k: v for k, v in (("microbatches", self.zebra.microbatches),
+                                        ("expert_recompute", self.zebra.expert_recompute)) if v is not None},
             "asym_ea": dict(self.asym_ea) if isinstance(self.asym_ea, dict) else self.asym_ea,
             "timeout_s": self.timeout_s,
         }
@@ -214,7 +229,12 @@ class HeterMoEConfig:
                 )
 
         zebra = data.get("zebra")
-        out["zebra"] = zebra if isinstance(zebra, ZebraConfig) else ZebraConfig.from_dict(zebra)
+        out["zebra"] = zebra = zebra if isinstance(zebra, ZebraConfig) else ZebraConfig.from_dict(zebra)
+        if mode == "colocated" and (zebra.microbatches or 1) > 1:
+            raise _fail(
+                "zebra.microbatches", f"is {zebra.microbatches} in colocated mode; zebra parallelism overlaps attention "
+                "ranks with separate expert ranks", "Use `mode: disaggregated` with expert ranks, or microbatches 1.",
+            )
 
         out["asym_ea"] = _validate_asym_ea(data.get("asym_ea", "off"))
 

@@ -16,12 +16,22 @@ from typing import Any
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .comm import DTYPE_CODES, ExchangeKey, ExchangePlan, ExpertExchanger, wait
+from .comm import (
+    DTYPE_CODES,
+    AsyncAttentionExchanger,
+    ExchangeKey,
+    ExchangePlan,
+    ExpertExchanger,
+    PendingExchange,
+    ReceiveBuffers,
+    wait,
+)
 from .config import HeterMoEConfig
 from .control import CommandChannel, Op
 from .expert_shard import ExpertShard, optimizer_hyperparams
 from .groups import HeterMoEGroups
 from .placement import ExpertPlacement
+from .timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,16 @@ class HeterMoEEngine:
         # instead of running the experts again.
         self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan]]] = {}
         self._grads_finished = False
+        # Per-layer gradient all-reduces issued during the zebra backward: (flat buffer, grads, work).
+        self._pending_reduce: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
+        self._reduced: set[int] = set()
+        self.timeline = Timeline(groups.rank)
+        if shard is not None:
+            shard.timeline = self.timeline
+        self.buffers = ReceiveBuffers(model_config.hidden_size, groups.device)
+        self.async_exchanger = (
+            AsyncAttentionExchanger(self.exchanger, self.buffers) if shard is None and self.has_servers else None
+        )
         self.clip_coef = 1.0
         self._optimizer_key: tuple | None = None
         self.weights_version = 0
@@ -71,11 +91,7 @@ class HeterMoEEngine:
 
     def command(self, op: Op, **kwargs: Any) -> None:
         """Leader: send a command to every expert server (no-op elsewhere or without servers)."""
-        if self.generation != self.groups.generation and self.has_servers:
-            raise ValueError(
-                "hetermoe: a newer model was patched with HeterMoE on the same expert ranks, so they no longer hold "
-                "this model's experts. Use one patched model at a time (revert_hetermoe the old one first to keep it)."
-            )
+        self._check_current()
         if self.groups.is_leader and self.has_servers:
             self.channel.broadcast(op, **kwargs)
 
@@ -115,7 +131,55 @@ class HeterMoEEngine:
         self._outputs.pop(key.layer, None)
         return self.exchanger.backward(key, plan, dy_PH)
 
+    # ---- asynchronous exchanges (zebra) -----------------------------------------------------------------------
+    def begin_session(self) -> int:
+        """A new model forward: expert holders drop activations of older forwards when it keeps its own."""
+        self._check_current()
+        self.session += 1
+        self._outputs.clear()
+        return self.session
+
+    def _check_current(self) -> None:
+        if self.generation != self.groups.generation and self.has_servers:
+            raise ValueError(
+                "hetermoe: a newer model was patched with HeterMoE on the same expert ranks, so they no longer hold "
+                "this model's experts. Use one patched model at a time (revert_hetermoe the old one first to keep it)."
+            )
+
+    def issue_forward(
+        self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None
+    ) -> tuple[PendingExchange, ExchangePlan]:
+        """Send one stripe's rows to the expert servers without waiting; `wait()` on the result gives y_PH."""
+        self.command(
+            Op.FORWARD,
+            ints=(key.layer, key.stripe, key.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype]),
+        )
+        return self.async_exchanger.forward(key, x_PH, counts_E)
+
+    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor) -> PendingExchange:
+        self.command(Op.BACKWARD, ints=(key.layer, key.stripe, key.session))
+        return self.async_exchanger.backward(key, plan, dy_PH)
+
     # ---- gradients ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _sync_step() -> bool:
+        from accelerate.state import GradientState
+
+        return GradientState().sync_gradients
+
+    def reduce_gradients_async(self, params: list[torch.nn.Parameter]) -> None:
+        """Start averaging these gradients over the attention world now (their backward is complete), if this
+        backward ends an optimizer step; `finish_gradients` waits for it."""
+        group = self.groups.attention
+        if group is None or not self._sync_step():
+            return
+        todo = [p for p in params if p.grad is not None and id(p) not in self._reduced]
+        self._reduced.update(id(p) for p in todo)
+        grads = [p.grad for p in todo]
+        for same in _by_dtype(grads).values():
+            flat = _flatten_dense_tensors(same).div_(self.num_replicas)
+            self._pending_reduce.append((flat, same, group.allreduce([flat])))
+
     def finish_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average attention gradients over the attention world, once per optimizer step (DDP semantics)."""
         if self._grads_finished:
@@ -124,11 +188,14 @@ class HeterMoEEngine:
         group = self.groups.attention
         if group is None:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for same in by_dtype.values():
+        for flat, same, work in self._pending_reduce:
+            wait(work, "a per-layer attention-gradient all-reduce", self.groups.rank)
+            for g, synced in zip(same, _unflatten_dense_tensors(flat, same)):
+                g.copy_(synced)
+        rest = [p.grad for p in params if p.grad is not None and id(p) not in self._reduced]
+        self._pending_reduce.clear()
+        self._reduced.clear()
+        for same in _by_dtype(rest).values():
             flat = _flatten_dense_tensors(same)
             flat.div_(self.num_replicas)
             wait(group.allreduce([flat]), "the attention-gradient all-reduce", self.groups.rank)
@@ -317,3 +384,10 @@ class HeterMoEEngine:
 
     def abort_servers(self, reason: str) -> None:
         self.command(Op.ABORT, payload={"reason": reason})
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    out: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        out.setdefault(t.dtype, []).append(t)
+    return out

@@ -8,6 +8,7 @@ the order the leader (global attention rank 0) issues them.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import AutoConfig
@@ -19,6 +20,7 @@ from .control import CommandChannel, Op
 from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
 from .placement import ExpertPlacement
+from .timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,9 @@ class ServerAborted(RuntimeError):
     """The attention side failed and told the expert servers why."""
 
 
-def build_setup_payload(*, model_config, placement: ExpertPlacement, dtype: torch.dtype, num_replicas: int) -> dict:
+def build_setup_payload(
+    *, model_config, placement: ExpertPlacement, dtype: torch.dtype, num_replicas: int, expert_recompute: bool = False
+) -> dict:
     return {
         "model_type": model_config.model_type,
         "model_config": model_config.to_dict(),
@@ -36,6 +40,7 @@ def build_setup_payload(*, model_config, placement: ExpertPlacement, dtype: torc
         "placement": placement.to_dict(),
         "dtype": str(dtype),
         "num_replicas": num_replicas,
+        "expert_recompute": expert_recompute,
     }
 
 
@@ -50,7 +55,7 @@ def _setup_shard(groups: HeterMoEGroups, channel: CommandChannel, setup: dict) -
     dtype = getattr(torch, setup["dtype"].removeprefix("torch."))
     shard = ExpertShard(
         family=family, model_config=model_config, placement=placement, rank=groups.rank, device=groups.device,
-        dtype=dtype, num_replicas=int(setup["num_replicas"]),
+        dtype=dtype, num_replicas=int(setup["num_replicas"]), recompute=bool(setup.get("expert_recompute", False)),
     )
     shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
     exchanger = ExpertExchanger(groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size)
@@ -67,15 +72,19 @@ def serve(groups: HeterMoEGroups) -> None:
     shard: ExpertShard | None = None
     exchanger: ExpertExchanger | None = None
     plans: dict[ExchangeKey, ExchangePlan] = {}
+    timeline = Timeline(groups.rank)
 
     while True:
         cmd = channel.receive()
         op = cmd.op
         if op == Op.STOP:
+            if os.environ.get("HETERMOE_TRACE"):
+                timeline.write_chrome_trace(os.environ["HETERMOE_TRACE"])
             return
         _check_not_aborted(cmd, groups.rank)
         if op == Op.SETUP:
             shard, exchanger = _setup_shard(groups, channel, cmd.payload)
+            shard.timeline = timeline
             plans.clear()
             continue
         if shard is None:

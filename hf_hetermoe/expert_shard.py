@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import time
 from typing import Any
 
 import torch
@@ -65,13 +66,15 @@ def import_class(path: str) -> type:
 class ExpertShard:
     def __init__(
         self, *, family: Any, model_config: Any, placement: ExpertPlacement, rank: int, device: torch.device,
-        dtype: torch.dtype, num_replicas: int,
+        dtype: torch.dtype, num_replicas: int, recompute: bool = False,
     ):
         self.family = family
         self.placement = placement
         self.rank = rank
         self.device = device
         self.num_replicas = num_replicas
+        # Keep only the inputs between forward and backward; rebuild the experts' graph in backward.
+        self.recompute = recompute
         self.local: dict[int, tuple[int, ...]] = {}  # layer -> expert ids held here
         self.modules: dict[int, nn.Module] = {}  # layer -> stock experts module with the local experts
         for layer in placement.layers:
@@ -80,7 +83,8 @@ class ExpertShard:
                 self.local[layer] = experts
                 module = family.make_local_experts(model_config, len(experts))
                 self.modules[layer] = module.to(device=device, dtype=dtype)
-        self.saved: dict[ExchangeKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.saved: dict[ExchangeKey, tuple] = {}
+        self.timeline = None  # a Timeline, set by the owner, records E tasks
         self.optimizer: torch.optim.Optimizer | None = None
         self._grads_prepared = False
 
@@ -122,41 +126,52 @@ class ExpertShard:
         }
 
     # ---- compute ---------------------------------------------------------------------------------------
+    def _run(self, layer: int, x: torch.Tensor, local_expert_R: torch.Tensor, grad: bool,
+             autocast_dtype: torch.dtype | None) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.detach().clone()
+        autocast = (
+            torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        # The experts' graph is the holder's own: keep it out of any activation checkpoint the attention model
+        # is running (in-process holders), whose saved-tensor hooks would count it as part of the layer.
+        own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
+        with torch.set_grad_enabled(grad), autocast, own_graph:
+            index_R1 = local_expert_R.to(x.device).unsqueeze(1)
+            weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
+            return self.modules[layer](x, index_R1, weight_R1)
+
     def forward(
         self, key: ExchangeKey, x_RH: torch.Tensor, local_expert_R: torch.Tensor, *, keep: bool,
         autocast_dtype: torch.dtype | None,
     ) -> torch.Tensor:
+        start = time.perf_counter()
         if keep:
             self._drop_sessions_before(key.session)
-        module = self.modules[key.layer]
         x = x_RH.detach().requires_grad_(keep)
-        if x.shape[0] == 0:
-            y = x.detach().clone()
-        else:
-            autocast = (
-                torch.autocast(self.device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext()
-            )
-            # The experts' graph is the holder's own: keep it out of any activation checkpoint the attention model
-            # is running (in-process holders), whose saved-tensor hooks would count it as part of the layer.
-            own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
-            with torch.set_grad_enabled(keep), autocast, own_graph:
-                index_R1 = local_expert_R.to(x.device).unsqueeze(1)
-                weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
-                y = module(x, index_R1, weight_R1)
+        y = self._run(key.layer, x, local_expert_R, keep and not self.recompute, autocast_dtype)
         if keep:
-            self.saved[key] = (x, y)
+            # With recompute, only the inputs stay; the graph is rebuilt in backward.
+            self.saved[key] = (x, local_expert_R, autocast_dtype) if self.recompute else (x, y)
+        if self.timeline is not None:
+            self.timeline.record("E", "F", key.layer, key.stripe, start)
         return y.detach()
 
     def backward(self, key: ExchangeKey, dy_RH: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
         if key not in self.saved:
             raise RuntimeError(
                 f"hetermoe: rank {self.rank} has no saved activations for layer {key.layer} stripe {key.stripe} "
                 f"of forward {key.session}; a backward ran without its forward (or after a newer forward)."
             )
-        x, y = self.saved.pop(key)
+        saved = self.saved.pop(key)
+        x = saved[0]
+        y = self._run(key.layer, x, saved[1], True, saved[2]) if self.recompute else saved[1]
         if x.shape[0] and y.requires_grad:
             torch.autograd.backward(y, dy_RH.to(y.dtype))
+        if self.timeline is not None:
+            self.timeline.record("E", "B", key.layer, key.stripe, start)
         return x.grad if x.grad is not None else torch.zeros_like(x)
 
     def _drop_sessions_before(self, session: int) -> None:

@@ -30,11 +30,13 @@ from .expert_server import build_setup_payload
 from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
 from .placement import ExpertPlacement
+from .zebra import ZebraRunner
 
 logger = logging.getLogger(__name__)
 
 _ENGINE_ATTR = "_hetermoe_engine"
 _HOOKS_ATTR = "_hetermoe_state_hooks"
+_RUNNER_ATTR = "_hetermoe_zebra_runner"
 
 
 def get_engine(model: nn.Module) -> HeterMoEEngine | None:
@@ -88,11 +90,6 @@ def _broadcast_from_first_attention_rank(model: nn.Module, groups: HeterMoEGroup
 def _refuse_unbuilt_features(config: HeterMoEConfig) -> None:
     # Accepted by the config schema so files stay forward compatible, but not built yet: refuse rather than
     # silently train without them.
-    if config.zebra.microbatches != 1:
-        raise ValueError(
-            f"hetermoe: zebra.microbatches={config.zebra.microbatches} asks for zebra parallelism, which this version "
-            "does not implement yet; set `zebra: {microbatches: 1}`."
-        )
     if config.asym_ea != "off":
         raise ValueError(
             f"hetermoe: asym_ea={config.asym_ea!r} asks for experts on attention ranks, which this version does not "
@@ -162,7 +159,8 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     )
     if groups.is_leader and engine.has_servers:
         payload = build_setup_payload(
-            model_config=model.config, placement=placement, dtype=dtype, num_replicas=groups.topology.num_attention
+            model_config=model.config, placement=placement, dtype=dtype, num_replicas=groups.topology.num_attention,
+            expert_recompute=config.zebra.expert_recompute,
         )
         engine.command(Op.SETUP, payload=payload)
         for server in groups.topology.expert_ranks:
@@ -187,6 +185,17 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         ))
     model.__dict__[_ENGINE_ATTR] = engine
     model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine)
+    stripes = config.zebra.stripes(groups.topology.mode)
+    if stripes > 1:
+        if engine.async_exchanger is None:
+            raise ValueError(
+                f"hetermoe: zebra.microbatches={stripes} needs expert ranks and attention ranks that hold no experts "
+                "(disaggregated mode, asym_ea off); use microbatches 1 here."
+            )
+        runner = ZebraRunner(base_model=model.base_model, engine=engine, microbatches=stripes,
+                             moe_layers=placement.layers)
+        runner.install()
+        model.__dict__[_RUNNER_ATTR] = runner
     logger.info("hetermoe: %s; experts:\n%s", groups.topology.describe(), placement.describe())
     return engine
 
@@ -231,6 +240,9 @@ def revert_hetermoe(model: nn.Module) -> nn.Module:
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, original)
     state_hooks(model).remove()
+    runner = model.__dict__.pop(_RUNNER_ATTR, None)
+    if runner is not None:
+        runner.uninstall()
     del model.__dict__[_ENGINE_ATTR]
     del model.__dict__[_HOOKS_ATTR]
     return model

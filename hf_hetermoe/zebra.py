@@ -1,0 +1,453 @@
+"""Zebra parallelism (paper, Theorem 1): stripes of a micro-batch zigzag between attention and expert ranks.
+
+Forward. The micro-batch the Trainer hands to the base model is split on the batch axis into R contiguous
+stripes. Each stripe runs the *stock* base-model forward in its own thread; a baton passed round-robin lets
+one stripe compute at a time. At each routed-experts call a stripe issues its dispatch asynchronously, passes
+the baton on, and resumes (baton back, combine done) for the layer above. So attention runs
+A(l,1) A(l,2) .. A(l,R) A(l+1,1) .., the next stripe's attention overlaps the expert work of the previous one,
+and expert servers see E(l,1) .. E(l,R) E(l+1,1) .. (they follow the leader's commands in that order).
+
+Cuts. Hooks detach each decoder layer's input (`h_in`, a leaf) and the experts' results (`y_leaf`); the
+gathered rows `x_PH` stay attached. Every (layer, stripe) segment is therefore its own autograd graph, from
+`h_in` to the layer output `out`, with `y_leaf` as an extra leaf and `x_PH` as an extra output.
+
+Backward. The stripes' outputs (and router logits, for the aux loss) leave the base model through one autograd
+Function, `ZebraJoin`, so the stock `loss.backward()` reaches its backward, which walks the segments in
+Theorem-1 order: layer by layer downwards, stripes in order. Per segment, two stages:
+  stage 1: dy = d out / d y_leaf (an `autograd.grad` that touches only the path from `out` to `y_leaf`),
+           sent to the expert servers at once (asynchronously);
+  stage 2: once dx is back, one `autograd.backward` over [out, router logits, x_PH] with [g, g_logits, dx]:
+           attention and router gradients, and `h_in.grad`, the g of the layer below.
+Stage 2 of layer l is followed right away by stage 1 of layer l-1 for the same stripe, so its dy leaves
+before the next stripe's work. A layer's attention gradients are all-reduced as soon as all stripes are done.
+
+Deviation from Theorem 1, on purpose: the head and loss run once over the whole micro-batch (the stock
+Trainer computes one loss and calls backward on it), so the top stage's forwards of all stripes precede its
+backwards instead of alternating per stripe.
+
+Legend: R stripes, B batch rows, T tokens, P (token, k) pairs, H hidden.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .comm import ExchangeKey, ExchangePlan, PendingExchange
+
+_local = threading.local()  # .ctx = (run, stripe) while a stripe runs; .task_start for the timeline
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def active_stripe() -> tuple["ZebraRun", int] | None:
+    return getattr(_local, "ctx", None)
+
+
+class _Aborted(Exception):
+    """Another stripe failed; this one stops."""
+
+
+class Baton:
+    """Round-robin turn among stripe threads: stripe j computes only while it holds the baton."""
+
+    def __init__(self, num_stripes: int):
+        self._cv = threading.Condition()
+        self._turn = 0
+        self._done = [False] * num_stripes
+        self._failed = False
+
+    def acquire(self, stripe: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._turn == stripe or self._failed)
+            if self._failed:
+                raise _Aborted()
+
+    def pass_on(self, stripe: int) -> None:
+        with self._cv:
+            n = len(self._done)
+            self._turn = next((k for k in ((stripe + s) % n for s in range(1, n + 1)) if not self._done[k]), -1)
+            self._cv.notify_all()
+
+    def finish(self, stripe: int) -> None:
+        with self._cv:
+            self._done[stripe] = True
+        self.pass_on(stripe)
+
+    def fail(self) -> None:
+        with self._cv:
+            self._failed = True
+            self._cv.notify_all()
+
+
+@dataclass
+class Exchange:
+    x_PH: torch.Tensor  # gathered rows, attached to the segment graph (dx enters here)
+    y_leaf: torch.Tensor  # expert results (leaf; dy is its gradient)
+    key: ExchangeKey
+    plan: ExchangePlan
+
+
+@dataclass
+class Segment:
+    h_src: torch.Tensor | None = None  # the layer input as the stock loop passed it (attached below)
+    h_in: torch.Tensor | None = None  # the same values as a leaf: where this segment's graph starts
+    out: torch.Tensor | None = None
+    exchange: Exchange | None = None
+
+
+@dataclass
+class ZebraRun:
+    """One zebra forward: per-stripe graphs, kept (by the join's ctx) until its backward."""
+
+    runner: "ZebraRunner"
+    session: int
+    rows: list[tuple[int, int]]  # (start, stop) batch rows of each stripe
+    baton: Baton
+    segments: dict[tuple[int, int], Segment] = field(default_factory=dict)
+    inputs: list[torch.Tensor | None] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    router_logits: list[tuple | None] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def num_stripes(self) -> int:
+        return len(self.rows)
+
+    def segment(self, layer: int, stripe: int) -> Segment:
+        return self.segments.setdefault((layer, stripe), Segment())
+
+
+class ZebraJoin(torch.autograd.Function):
+    """forward: the stripes' last hidden states and per-layer router logits, concatenated in batch order (stock
+    order), as fresh tensors. backward: the segmented Theorem-1 backward; returns the input embeddings' grad.
+    Only `embeds` (and an anchor) are tensor inputs: the segments live in ctx, so the outer engine never walks
+    into graphs the segmented backward frees itself."""
+
+    @staticmethod
+    def forward(ctx, embeds: torch.Tensor, anchor: torch.Tensor, run: ZebraRun):
+        ctx.run = run
+        hidden = torch.cat([o.detach() for o in run.outputs])
+        logits = []
+        if run.router_logits and run.router_logits[0] is not None:
+            for i in range(len(run.router_logits[0])):
+                logits.append(torch.cat([lg[i].detach() for lg in run.router_logits]))
+        return (hidden, *logits)
+
+    @staticmethod
+    def backward(ctx, g_hidden, *g_logits):
+        run = ctx.run
+        ctx.run = None
+        g_embeds = run.runner.backward(run, g_hidden, list(g_logits))
+        return g_embeds, None, None
+
+
+class ZebraRunner:
+    """Replaces the base model's forward on attention ranks when zebra parallelism applies."""
+
+    def __init__(self, *, base_model: nn.Module, engine: Any, microbatches: int, moe_layers: tuple[int, ...]):
+        self.base = base_model
+        self.engine = engine
+        self.num_stripes = microbatches
+        self.layers = list(base_model.layers)
+        self.layer_index = {id(m): i for i, m in enumerate(self.layers)}
+        self.moe_index = {layer: i for i, layer in enumerate(sorted(moe_layers))}
+        self.original_forward = base_model.forward
+        self._handles: list[Any] = []
+
+    # ---- installation ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        for module in self.layers:
+            self._handles.append(module.register_forward_pre_hook(self._layer_input_hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._layer_output_hook, with_kwargs=True))
+        self.base.forward = self.forward
+
+    def uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.base.__dict__.pop("forward", None)
+
+    def _layer_input_hook(self, module, args, kwargs):
+        ctx = active_stripe()
+        if ctx is None or _in_backward():
+            return None  # not zebra, or a checkpointed layer being recomputed (graph already cut)
+        run, stripe = ctx
+        seg = run.segment(self.layer_index[id(module)], stripe)
+        if args:
+            seg.h_src = args[0]
+        else:
+            seg.h_src = kwargs["hidden_states"]
+        seg.h_in = seg.h_src.detach().requires_grad_(seg.h_src.requires_grad)
+        if args:
+            return (seg.h_in, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": seg.h_in}
+
+    def _layer_output_hook(self, module, args, kwargs, output):
+        ctx = active_stripe()
+        if ctx is None or _in_backward():
+            return None
+        run, stripe = ctx
+        run.segment(self.layer_index[id(module)], stripe).out = output[0] if isinstance(output, tuple) else output
+        return None
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def _applies(self, args: tuple, kwargs: dict) -> bool:
+        if self.num_stripes < 2 or self.engine.async_exchanger is None or args:
+            return False
+        if not (self.base.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
+            return False
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+            return False
+        config = self.base.config
+        for flag in ("output_hidden_states", "output_attentions"):
+            if kwargs.get(flag, getattr(config, flag, False)):
+                return False
+        tensor = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        return tensor is not None
+
+    def forward(self, *args, **kwargs):
+        if not self._applies(args, kwargs):
+            return self.original_forward(*args, **kwargs)
+        _refuse_reentrant_checkpointing(self.layers[0])
+        engine = self.engine
+        session = engine.begin_session()
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            embeds = self.base.get_input_embeddings()(input_ids)
+        batch = embeds.shape[0]
+        bounds = torch.tensor_split(torch.arange(batch), self.num_stripes)
+        rows = [(int(b[0]), int(b[-1]) + 1) if len(b) else (0, 0) for b in bounds]
+        run = ZebraRun(runner=self, session=session, rows=rows, baton=Baton(len(rows)))
+        run.inputs = [None] * len(rows)
+        run.outputs = [None] * len(rows)
+        run.router_logits = [None] * len(rows)
+        kwargs["use_cache"] = False
+        state = (torch.is_grad_enabled(), _autocast_state(embeds.device.type))
+        threads = [
+            threading.Thread(target=self._stripe_main, args=(run, j, embeds, kwargs, state), daemon=True,
+                             name=f"hetermoe-zebra-stripe{j}")
+            for j in range(len(rows))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if run.error is not None:
+            raise run.error
+        anchor = torch.zeros((), requires_grad=True)  # makes the join's outputs require grad in any case
+        results = ZebraJoin.apply(embeds, anchor, run)
+        hidden, logits = results[0], tuple(results[1:])
+        template = next(o for o in run.outputs_objects if o is not None)
+        fields = {"last_hidden_state": hidden}
+        if logits:
+            fields["router_logits"] = logits
+        return type(template)(**fields)
+
+    def _stripe_main(self, run: ZebraRun, stripe: int, embeds: torch.Tensor, kwargs: dict, state) -> None:
+        grad_enabled, (autocast_on, autocast_dtype) = state
+        device_type = embeds.device.type
+        _local.ctx = (run, stripe)
+        try:
+            with torch.set_grad_enabled(grad_enabled), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+                run.baton.acquire(stripe)
+                _local.task_start = time.perf_counter()
+                start, stop = run.rows[stripe]
+                if stop > start:
+                    x = embeds[start:stop].detach().requires_grad_(embeds.requires_grad)
+                    run.inputs[stripe] = x
+                    out = self.original_forward(inputs_embeds=x, **_slice_batch(kwargs, start, stop, embeds.shape[0]))
+                    run.outputs[stripe] = out.last_hidden_state
+                    run.router_logits[stripe] = getattr(out, "router_logits", None)
+                    _remember_output(run, stripe, out)
+                else:
+                    self._empty_stripe_forward(run, stripe)
+                self.engine.timeline.record("A", "F", len(self.layers), stripe, _local.task_start)
+        except _Aborted:
+            pass
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            run.error = run.error or exc
+            run.baton.fail()
+        finally:
+            _local.ctx = None
+            run.baton.finish(stripe)
+
+    def _empty_stripe_forward(self, run: ZebraRun, stripe: int) -> None:
+        """A stripe with no rows (batch smaller than R) still takes part in every exchange, with zero rows."""
+        hidden = self.base.config.hidden_size
+        for layer in sorted(self.moe_index):
+            x = torch.zeros(0, hidden, device=self.engine.groups.device, dtype=self.base.dtype)
+            counts = torch.zeros(self.engine.placement.num_experts, dtype=torch.int64)
+            exchange_in_stripe(self.engine, layer, x, counts)
+
+    # ---- backward ---------------------------------------------------------------------------------------------
+    def backward(self, run: ZebraRun, g_hidden: torch.Tensor | None, g_logits: list) -> torch.Tensor | None:
+        engine = self.engine
+        stripes = range(run.num_stripes)
+        top = len(self.layers) - 1
+        g_rows = [self._rows_of(g_hidden, run, j) for j in stripes]
+        pending: dict[tuple[int, int], PendingExchange | None] = {}
+        g_seg: list[torch.Tensor | None] = list(g_rows)
+        for j in stripes:  # top stage: dy of the last layer's experts, for every stripe
+            start = time.perf_counter()
+            pending[(top, j)] = self._stage1(run, top, j, run.outputs[j], g_seg[j])
+            engine.timeline.record("A", "B", top, j, start)
+        for layer in reversed(range(len(self.layers))):
+            for j in stripes:
+                start = time.perf_counter()
+                out = run.outputs[j] if layer == top else run.segment(layer, j).out
+                g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, pending.pop((layer, j), None))
+                if layer > 0:
+                    below = run.segment(layer - 1, j).out
+                    pending[(layer - 1, j)] = self._stage1(run, layer - 1, j, below, g_seg[j])
+                engine.timeline.record("A", "B", layer - 1, j, start)
+            params = list(self.layers[layer].parameters())
+            if layer == top:
+                params += [p for n, p in self.base.named_parameters() if not n.startswith("layers.")
+                           and not n.startswith(_embedding_prefix(self.base))]
+            engine.reduce_gradients_async(params)
+        grads = [run.inputs[j].grad if run.inputs[j] is not None else None for j in stripes]
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None
+        return torch.cat(present)
+
+    @staticmethod
+    def _rows_of(g: torch.Tensor | None, run: ZebraRun, stripe: int) -> torch.Tensor | None:
+        start, stop = run.rows[stripe]
+        if stop == start:
+            return None
+        if g is None:
+            return torch.zeros_like(run.outputs[stripe])
+        return g[start:stop]
+
+    def _stage1(self, run: ZebraRun, layer: int, stripe: int, out, g) -> PendingExchange | None:
+        """dy of this segment's experts, sent to the expert servers at once."""
+        seg = run.segments.get((layer, stripe))
+        if layer not in self.moe_index:
+            return None
+        if seg is None or seg.exchange is None:  # empty stripe: still takes part, with zero rows
+            return self._empty_backward(run, layer, stripe)
+        ex = seg.exchange
+        _local.ctx = (run, stripe)
+        try:
+            if ex.y_leaf.shape[0] and ex.y_leaf.requires_grad:
+                (dy,) = torch.autograd.grad([out], [ex.y_leaf], [g], retain_graph=True, allow_unused=True)
+            else:
+                dy = None
+        finally:
+            _local.ctx = None
+        if dy is None:
+            dy = torch.zeros_like(ex.y_leaf)
+        return self.engine.issue_backward(ex.key, ex.plan, dy)
+
+    def _empty_backward(self, run: ZebraRun, layer: int, stripe: int) -> PendingExchange:
+        hidden = self.base.config.hidden_size
+        key = ExchangeKey(session=run.session, layer=layer, stripe=stripe)
+        plan = ExchangePlan(send_splits=[0] * self.engine.groups.world_size, recv_splits=[0] * self.engine.groups.world_size,
+                            recv_local_expert_R=None, row_dtype=self.base.dtype)
+        return self.engine.issue_backward(key, plan, torch.zeros(0, hidden, dtype=self.base.dtype,
+                                                                  device=self.engine.groups.device))
+
+    def _stage2(self, run: ZebraRun, layer: int, stripe: int, out, g, g_logits: list, pending) -> torch.Tensor | None:
+        """The rest of the segment's backward, once dx is back; returns the gradient of its input."""
+        dx = pending.wait() if pending is not None else None
+        seg = run.segments.get((layer, stripe))
+        if seg is None or out is None or g is None:
+            return None
+        tensors, grads = [out], [g]
+        moe = self.moe_index.get(layer)
+        logits = run.router_logits[stripe]
+        if moe is not None and logits is not None and moe < len(g_logits) and g_logits[moe] is not None:
+            start, stop = run.rows[stripe]
+            per_row = logits[moe].shape[0] // (stop - start)
+            tensors.append(logits[moe])
+            grads.append(g_logits[moe][start * per_row : stop * per_row])
+        if seg.exchange is not None and dx is not None and seg.exchange.x_PH.shape[0] and seg.exchange.x_PH.requires_grad:
+            tensors.append(seg.exchange.x_PH)
+            grads.append(dx.to(seg.exchange.x_PH.dtype))
+        _local.ctx = (run, stripe)
+        try:
+            torch.autograd.backward(tensors, grads)
+        finally:
+            _local.ctx = None
+        if seg.h_in is None or seg.h_in.grad is None:
+            return None
+        if layer > 0 and seg.h_src is not run.segment(layer - 1, stripe).out:
+            # Something sits between the layer below and this one in the stock loop: go through it.
+            (g_below,) = torch.autograd.grad([seg.h_src], [run.segment(layer - 1, stripe).out], [seg.h_in.grad])
+            return g_below
+        if layer == 0 and seg.h_src is not run.inputs[stripe] and seg.h_src.requires_grad:
+            torch.autograd.backward([seg.h_src], [seg.h_in.grad])  # from the embeddings to the first layer
+        elif layer == 0 and run.inputs[stripe] is not None:
+            run.inputs[stripe].grad = seg.h_in.grad
+        return seg.h_in.grad
+
+
+def exchange_in_stripe(engine: Any, layer: int, x_PH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Called by the experts stand-in inside a stripe: dispatch, let the next stripe run, return results."""
+    run, stripe = active_stripe()
+    seg = run.segment(layer, stripe)
+    if _in_backward():
+        return seg.exchange.y_leaf  # a checkpointed layer recomputed: the experts already ran
+    key = ExchangeKey(session=run.session, layer=layer, stripe=stripe)
+    keep = torch.is_grad_enabled() and x_PH.requires_grad
+    autocast_on, autocast_dtype = _autocast_state(x_PH.device.type)
+    issued = time.perf_counter()
+    engine.timeline.record("A", "F", layer, stripe, _local.task_start, issued)
+    pending, plan = engine.issue_forward(key, x_PH.detach(), counts_E, keep=keep,
+                                         autocast=autocast_dtype if autocast_on else None)
+    run.baton.pass_on(stripe)
+    y_PH = pending.wait()
+    engine.timeline.record("D", "F", layer, stripe, issued)
+    run.baton.acquire(stripe)
+    _local.task_start = time.perf_counter()
+    y_leaf = y_PH.detach().requires_grad_(keep)
+    seg.exchange = Exchange(x_PH=x_PH, y_leaf=y_leaf, key=key, plan=plan)
+    return y_leaf
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _slice_batch(kwargs: dict, start: int, stop: int, batch: int) -> dict:
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch and key in (
+            "attention_mask", "position_ids", "token_type_ids", "cache_position"
+        ):
+            value = value[start:stop]
+        out[key] = value
+    return out
+
+
+def _remember_output(run: ZebraRun, stripe: int, out: Any) -> None:
+    if not hasattr(run, "outputs_objects"):
+        run.outputs_objects = [None] * run.num_stripes
+    run.outputs_objects[stripe] = out
+
+
+def _embedding_prefix(base: nn.Module) -> str:
+    embeddings = base.get_input_embeddings()
+    for name, module in base.named_modules():
+        if module is embeddings:
+            return name
+    return "embed_tokens"
+
+
+def _refuse_reentrant_checkpointing(layer: nn.Module) -> None:
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    if getattr(layer, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+        raise ValueError(
+            "hetermoe: zebra parallelism needs non-reentrant activation checkpointing; pass "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
+        )
