@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from .conversion import checkpoint_to_model_keys
+
 
 @dataclass(frozen=True)
 class ExpertsSlot:
@@ -64,8 +66,9 @@ class MoEFamily:
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def checkpoint_to_model_keys(self, state_dict: dict) -> dict:
-        """Map a checkpoint state dict with on-disk (stock file) keys to in-memory names. Identity by default."""
-        return state_dict
+        """Map a checkpoint state dict with on-disk (stock file) keys to in-memory names, with the conversion
+        transformers' `from_pretrained` applies for this model type (identity where it has none)."""
+        return checkpoint_to_model_keys(self.model_type, state_dict)
 
 
 _REGISTRY: dict[str, MoEFamily] = {}

@@ -71,9 +71,13 @@ class _StopAt(TrainerCallback):
 
 
 def train(spec: dict) -> dict | None:
-    """Train the tiny Mixtral as `spec` says; returns losses and logs on (attention) rank 0, else None."""
+    """Train the tiny Mixtral (or `spec["model_factory"]()`, a module-level function so spawned ranks can import
+    it) as `spec` says; returns losses and logs on (attention) rank 0, else None."""
     torch.manual_seed(0)
-    model = MixtralForCausalLM(tiny_mixtral_config(**spec.get("model", {})))
+    if spec.get("model_factory") is not None:
+        model = spec["model_factory"]()
+    else:
+        model = MixtralForCausalLM(tiny_mixtral_config(**spec.get("model", {})))
     losses: list[float] = []
 
     def record_loss(module, args, output):
@@ -89,7 +93,7 @@ def train(spec: dict) -> dict | None:
         learning_rate=3e-3,
         warmup_steps=2,
         lr_scheduler_type="linear",
-        weight_decay=0.01,
+        weight_decay=spec.get("weight_decay", 0.01),
         max_grad_norm=spec.get("max_grad_norm", 0.5),
         gradient_checkpointing=spec.get("gradient_checkpointing", False),
         logging_steps=1,
