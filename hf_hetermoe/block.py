@@ -66,7 +66,7 @@ class HeterMoEExperts(nn.Module):
             y_PH = zebra.exchange_in_stripe(self.engine, self.layer, x_PH, counts_E)
         else:
             # Grad mode and autocast are read here: inside an autograd Function's forward grad mode is off.
-            context = self.engine.forward_context(x_PH)
+            context = self.engine.forward_context(x_PH, num_tokens)
             y_PH = ExpertExchange.apply(x_PH, self.engine, self.layer, counts_E, context)
         inv_perm_P = torch.empty_like(perm_P)
         inv_perm_P[perm_P] = torch.arange(perm_P.numel(), device=perm_P.device)

@@ -121,14 +121,15 @@ class ExpertExchanger:
 
     def forward(
         self, key: ExchangeKey, x_PH: torch.Tensor | None, counts_E: torch.Tensor | None, *, keep: bool,
-        autocast_dtype: torch.dtype | None, row_dtype: torch.dtype,
+        autocast_dtype: torch.dtype | None, row_dtype: torch.dtype, seq_len: int = 1,
     ) -> tuple[torch.Tensor | None, ExchangePlan]:
         plan = self.plan(key.layer, counts_E, row_dtype)
         x_PH = self._rows(x_PH, row_dtype)
         x_RH = alltoall(self.groups.dispatch, x_PH, plan.send_splits, plan.recv_splits,
                         f"the dispatch of layer {key.layer} (forward)", self.rank)
         if plan.recv_local_expert_R is not None:
-            y_RH = self.shard.forward(key, x_RH, plan.recv_local_expert_R, keep=keep, autocast_dtype=autocast_dtype)
+            y_RH = self.shard.forward(key, x_RH, plan.recv_local_expert_R, keep=keep, autocast_dtype=autocast_dtype,
+                                      seq_len=seq_len)
         else:
             y_RH = x_RH  # nothing held here: empty
         y_PH = alltoall(self.groups.combine, y_RH.to(row_dtype), plan.recv_splits, plan.send_splits,

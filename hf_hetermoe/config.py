@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .emulation import EmulationConfig
+
 MODES = ("disaggregated", "colocated")
 
 
@@ -127,6 +129,7 @@ class HeterMoEConfig:
     zebra: ZebraConfig = field(default_factory=ZebraConfig)
     asym_ea: str | dict[int, int] = "off"
     timeout_s: float = 300.0
+    emulation: EmulationConfig | None = None  # device emulation for CPU benchmarks (see emulation.py)
 
     def __post_init__(self) -> None:
         # Keyword construction is validated and normalised exactly like a file, so both accept the same configs.
@@ -175,6 +178,7 @@ class HeterMoEConfig:
                                         ("expert_recompute", self.zebra.expert_recompute)) if v is not None},
             "asym_ea": dict(self.asym_ea) if isinstance(self.asym_ea, dict) else self.asym_ea,
             "timeout_s": self.timeout_s,
+            "emulation": self.emulation.to_dict() if self.emulation is not None else None,
         }
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
@@ -242,6 +246,8 @@ class HeterMoEConfig:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise _fail("timeout_s", f"must be a positive number of seconds, got {timeout!r}", "Use e.g. 300.")
         out["timeout_s"] = float(timeout)
+        emulation = data.get("emulation")
+        out["emulation"] = emulation if isinstance(emulation, EmulationConfig) else EmulationConfig.from_dict(emulation)
         return out
 
     # ---- stage 2: plus the world size ---------------------------------------------------------------
@@ -258,6 +264,8 @@ class HeterMoEConfig:
         """
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"hetermoe: world size must be a positive integer, got {world_size!r}.")
+        if self.emulation is not None:
+            self.emulation.check_world(world_size)
         if self.mode == "colocated":
             if self.attention_ranks not in (None, "auto"):
                 if tuple(self.attention_ranks) != tuple(range(world_size)):

@@ -37,6 +37,7 @@ class Op(enum.IntEnum):
     LOAD_OPTIM = 10    # leader sends the server's optimizer state
     STOP = 11          # the job ended normally: exit 0
     ABORT = 12         # the job failed on an attention rank: payload holds the reason
+    STATS = 13         # server sends [expert-busy seconds, window seconds] since its previous STATS
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class CommandChannel:
         self.rank = rank
         self.leader = leader
         self.servers = servers
+        # Commands are sent without waiting: a server busy with expert work posts its receive only when it is
+        # done, and waiting for that would stall the leader's attention work (the zebra overlap). Each entry keeps
+        # a send's buffer alive until gloo reports it complete.
+        self._in_flight: list[tuple[Any, torch.Tensor]] = []
 
     # ---- bytes and tensors ----------------------------------------------------------------------------
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -105,6 +110,16 @@ class CommandChannel:
             out[name] = t
         return out
 
+    def _post(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
+        self._in_flight.append((self.group.send([tensor], dst, tag), tensor))
+
+    def flush(self) -> None:
+        """Wait until every command sent so far has left (before exiting, or before a blocking transfer)."""
+        for work, _ in self._in_flight:
+            work.wait()
+        self._in_flight.clear()
+
     # ---- commands -------------------------------------------------------------------------------------
     def broadcast(self, op: Op, *, ints: tuple[int, ...] = (), floats: tuple[float, ...] = (), payload: Any = None) -> None:
         """Leader only: send one command to every expert server (in server order)."""
@@ -117,10 +132,11 @@ class CommandChannel:
         fl = torch.zeros(_NUM_FLOATS, dtype=torch.float64)
         fl[: len(floats)] = torch.tensor(floats, dtype=torch.float64)
         header[3 + _NUM_INTS : 3 + _NUM_INTS + _NUM_FLOATS] = fl.view(torch.int64)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
         for server in self.servers:
-            self._send(header, server, _TAG_COMMAND)
-            if data:
-                self._send(torch.frombuffer(bytearray(data), dtype=torch.uint8), server, _TAG_COMMAND)
+            self._post(header, server, _TAG_COMMAND)
+            if payload is not None:
+                self._post(payload, server, _TAG_COMMAND)
 
     def receive(self) -> Command:
         """Expert server only: wait for the next command from the leader."""

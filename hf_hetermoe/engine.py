@@ -11,6 +11,7 @@ expert servers (on the leader), and does what DDP and the optimizer would otherw
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from .comm import (
 )
 from .config import HeterMoEConfig
 from .control import CommandChannel, Op
+from .emulation import DeviceEmulator
 from .expert_shard import ExpertShard, optimizer_hyperparams
 from .groups import HeterMoEGroups
 from .placement import ExpertPlacement
@@ -74,8 +76,15 @@ class HeterMoEEngine:
         self._pending_reduce: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
         self._reduced: set[int] = set()
         self.timeline = Timeline(groups.rank)
+        self.emulator = (
+            DeviceEmulator(config.emulation, rank=groups.rank, model_config=model_config) if config.emulation else None
+        )
         if shard is not None:
             shard.timeline = self.timeline
+            shard.emulator = self.emulator
+        self.seq_len = 1  # tokens per sequence of the current forward (set by the base model's pre-hook)
+        self._attention_resumed = {"F": time.perf_counter(), "B": time.perf_counter()}
+        self._hook_handles: list[Any] = []
         self.buffers = ReceiveBuffers(model_config.hidden_size, groups.device)
         self.async_exchanger = (
             AsyncAttentionExchanger(self.exchanger, self.buffers) if shard is None and self.has_servers else None
@@ -95,16 +104,74 @@ class HeterMoEEngine:
         if self.groups.is_leader and self.has_servers:
             self.channel.broadcast(op, **kwargs)
 
+    # ---- hooks: sequence length, head timing, attention resume points --------------------------------------
+    def install_model_hooks(self, model: torch.nn.Module) -> None:
+        base = model.base_model
+
+        def base_pre(module, args, kwargs):
+            x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+            if x is None and args:
+                x = args[0]
+            if x is not None and x.dim() >= 2:
+                self.seq_len = int(x.shape[1])
+            self._attention_resumed["F"] = time.perf_counter()
+
+        self._hook_handles.append(base.register_forward_pre_hook(base_pre, with_kwargs=True))
+        head = model.get_output_embeddings()
+        if head is None:
+            return
+        starts: dict[str, float] = {}
+
+        def head_pre(module, args):
+            starts["F"] = time.perf_counter()
+
+        def head_post(module, args, output):
+            self._head_done("F", args[0], starts["F"])
+
+        def head_bwd_pre(module, grad_output):
+            starts["B"] = time.perf_counter()
+
+        def head_bwd(module, grad_input, grad_output):
+            self._head_done("B", grad_output[0], starts["B"])
+            self._attention_resumed["B"] = time.perf_counter()
+
+        self._hook_handles += [
+            head.register_forward_pre_hook(head_pre), head.register_forward_hook(head_post),
+            head.register_full_backward_pre_hook(head_bwd_pre), head.register_full_backward_hook(head_bwd),
+        ]
+
+    def _head_done(self, direction: str, x: torch.Tensor, start: float) -> None:
+        if self.emulator is not None:
+            tokens = x.numel() // x.shape[-1]
+            self.emulator.pad(start, self.emulator.head_s(direction, num_tokens=tokens, real_seq_len=self.seq_len))
+        self.timeline.record("H", direction, -1, -1, start)
+
+    def remove_model_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+
+    def pad_attention(self, direction: str, num_seqs: int, start: float) -> None:
+        """Emulation: make the attention work since `start` take its modelled time on this rank's device."""
+        if self.emulator is not None:
+            self.emulator.pad(start, self.emulator.attention_s(direction, num_seqs=num_seqs, real_seq_len=self.seq_len))
+
+    def _attention_task(self, direction: str, layer: int, num_tokens: int) -> None:
+        """Close the attention task that ends at this exchange (synchronous path)."""
+        start = self._attention_resumed[direction]
+        self.pad_attention(direction, max(num_tokens // max(self.seq_len, 1), 1), start)
+        self.timeline.record("A", direction, layer, 0, start)
+
     # ---- data path ----------------------------------------------------------------------------------------
     @staticmethod
-    def forward_context(x_PH: torch.Tensor) -> tuple[bool, torch.dtype | None, bool]:
-        """(keep activations for backward, autocast dtype or None, running inside a backward pass)."""
+    def forward_context(x_PH: torch.Tensor, num_tokens: int) -> tuple[bool, torch.dtype | None, bool, int]:
+        """(keep activations for backward, autocast dtype or None, inside a backward pass, tokens)."""
         device_type = x_PH.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        return torch.is_grad_enabled() and x_PH.requires_grad, autocast, _in_backward()
+        return torch.is_grad_enabled() and x_PH.requires_grad, autocast, _in_backward(), num_tokens
 
     def forward_exchange(self, layer: int, x_PH: torch.Tensor, counts_E: torch.Tensor, context: tuple):
-        keep, autocast, recompute = context
+        keep, autocast, recompute, num_tokens = context
         if recompute and layer in self._outputs:
             # Recompute of a checkpointed layer: routing is deterministic, so reuse the experts' outputs.
             y_PH, handle = self._outputs[layer]
@@ -113,23 +180,29 @@ class HeterMoEEngine:
             self.session += 1
             self._outputs.clear()
         key = ExchangeKey(session=self.session, layer=layer, stripe=0)
+        self._attention_task("F", layer, num_tokens)
         self.command(
             Op.FORWARD,
-            ints=(layer, 0, self.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype]),
+            ints=(layer, 0, self.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype], self.seq_len),
         )
         y_PH, plan = self.exchanger.forward(
-            key, x_PH.detach(), counts_E, keep=keep, autocast_dtype=autocast, row_dtype=x_PH.dtype
+            key, x_PH.detach(), counts_E, keep=keep, autocast_dtype=autocast, row_dtype=x_PH.dtype,
+            seq_len=self.seq_len,
         )
-        result = (y_PH, (key, plan))
+        self._attention_resumed["F"] = time.perf_counter()
+        result = (y_PH, (key, plan, num_tokens))
         if keep:
             self._outputs[layer] = result
         return result
 
-    def backward_exchange(self, handle: tuple[ExchangeKey, ExchangePlan], dy_PH: torch.Tensor) -> torch.Tensor:
-        key, plan = handle
+    def backward_exchange(self, handle: tuple, dy_PH: torch.Tensor) -> torch.Tensor:
+        key, plan, num_tokens = handle
+        self._attention_task("B", key.layer, num_tokens)
         self.command(Op.BACKWARD, ints=(key.layer, key.stripe, key.session))
         self._outputs.pop(key.layer, None)
-        return self.exchanger.backward(key, plan, dy_PH)
+        dx = self.exchanger.backward(key, plan, dy_PH)
+        self._attention_resumed["B"] = time.perf_counter()
+        return dx
 
     # ---- asynchronous exchanges (zebra) -----------------------------------------------------------------------
     def begin_session(self) -> int:
@@ -152,7 +225,8 @@ class HeterMoEEngine:
         """Send one stripe's rows to the expert servers without waiting; `wait()` on the result gives y_PH."""
         self.command(
             Op.FORWARD,
-            ints=(key.layer, key.stripe, key.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype]),
+            ints=(key.layer, key.stripe, key.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype],
+                  self.seq_len),
         )
         return self.async_exchanger.forward(key, x_PH, counts_E)
 
@@ -377,6 +451,23 @@ class HeterMoEEngine:
                 self.channel.send_tensor_dict(server, slice_for(server))
         if self.shard is not None:
             self.shard.load_optimizer_state(slice_for(self.groups.rank))
+
+    # ---- statistics -------------------------------------------------------------------------------------------
+    def pool_busy(self, since: float) -> dict[str, float]:
+        """Busy fractions since `since`: this rank's attention work, and (leader) the expert servers' work."""
+        now = time.perf_counter()
+        window = max(now - since, 1e-9)
+        stats = {"attention_busy": self.timeline.busy_time(since, now, kinds=("A", "H")) / window}
+        if self.shard is not None:
+            stats["expert_busy_here"] = self.timeline.busy_time(since, now, kinds=("E",)) / window
+        if self.groups.is_leader and self.has_servers:
+            self.command(Op.STATS)
+            busy = total = 0.0
+            for server in self.topology.expert_ranks:
+                server_busy, server_window = self.channel.recv_tensor_dict(server)["stats"].tolist()
+                busy, total = busy + server_busy, total + server_window
+            stats["expert_busy"] = busy / max(total, 1e-9)
+        return stats
 
     # ---- lifetime ---------------------------------------------------------------------------------------------
     def stop_servers(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 from transformers import AutoConfig
@@ -17,6 +18,7 @@ from model_patches import get_family
 
 from .comm import DTYPES, ExchangeKey, ExchangePlan, ExpertExchanger, wait
 from .control import CommandChannel, Op
+from .emulation import DeviceEmulator, EmulationConfig
 from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
 from .placement import ExpertPlacement
@@ -30,7 +32,8 @@ class ServerAborted(RuntimeError):
 
 
 def build_setup_payload(
-    *, model_config, placement: ExpertPlacement, dtype: torch.dtype, num_replicas: int, expert_recompute: bool = False
+    *, model_config, placement: ExpertPlacement, dtype: torch.dtype, num_replicas: int, expert_recompute: bool = False,
+    emulation: EmulationConfig | None = None,
 ) -> dict:
     return {
         "model_type": model_config.model_type,
@@ -41,6 +44,7 @@ def build_setup_payload(
         "dtype": str(dtype),
         "num_replicas": num_replicas,
         "expert_recompute": expert_recompute,
+        "emulation": emulation.to_dict() if emulation is not None else None,
     }
 
 
@@ -58,6 +62,9 @@ def _setup_shard(groups: HeterMoEGroups, channel: CommandChannel, setup: dict) -
         dtype=dtype, num_replicas=int(setup["num_replicas"]), recompute=bool(setup.get("expert_recompute", False)),
     )
     shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
+    emulation = EmulationConfig.from_dict(setup.get("emulation"))
+    if emulation is not None:
+        shard.emulator = DeviceEmulator(emulation, rank=groups.rank, model_config=model_config)
     exchanger = ExpertExchanger(groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size)
     logger.info("hetermoe: expert rank %d holds %s", groups.rank, {layer: list(e) for layer, e in shard.local.items()})
     return shard, exchanger
@@ -73,6 +80,7 @@ def serve(groups: HeterMoEGroups) -> None:
     exchanger: ExpertExchanger | None = None
     plans: dict[ExchangeKey, ExchangePlan] = {}
     timeline = Timeline(groups.rank)
+    stats_since = time.perf_counter()
 
     while True:
         cmd = channel.receive()
@@ -90,13 +98,14 @@ def serve(groups: HeterMoEGroups) -> None:
         if shard is None:
             raise RuntimeError(f"hetermoe: expert rank {groups.rank} got {op.name} before any model was set up.")
         if op == Op.FORWARD:
-            layer, stripe, session, keep, autocast_code, row_code = cmd.ints[:6]
+            layer, stripe, session, keep, autocast_code, row_code, seq_len = cmd.ints[:7]
             key = ExchangeKey(session=session, layer=layer, stripe=stripe)
             if keep:
                 for stale in [k for k in plans if k.session < session]:
                     del plans[stale]
             _, plan = exchanger.forward(
-                key, None, None, keep=bool(keep), autocast_dtype=DTYPES[autocast_code], row_dtype=DTYPES[row_code]
+                key, None, None, keep=bool(keep), autocast_dtype=DTYPES[autocast_code], row_dtype=DTYPES[row_code],
+                seq_len=seq_len,
             )
             if keep:
                 plans[key] = plan
@@ -106,6 +115,11 @@ def serve(groups: HeterMoEGroups) -> None:
             if key not in plans:
                 raise RuntimeError(f"hetermoe: expert rank {groups.rank} got BACKWARD for unknown forward {key}.")
             exchanger.backward(key, plans.pop(key), None)
+        elif op == Op.STATS:
+            now = time.perf_counter()
+            busy = timeline.busy_time(stats_since, now, kinds=("E",))
+            channel.send_tensor_dict(groups.leader, {"stats": torch.tensor([busy, now - stats_since], dtype=torch.float64)})
+            stats_since = now
         elif op == Op.OPTIM_SETUP:
             shard.build_optimizer(cmd.payload["class"], cmd.payload["hyperparams"])
         elif op == Op.GRAD_NORM:

@@ -85,6 +85,7 @@ class ExpertShard:
                 self.modules[layer] = module.to(device=device, dtype=dtype)
         self.saved: dict[ExchangeKey, tuple] = {}
         self.timeline = None  # a Timeline, set by the owner, records E tasks
+        self.emulator = None  # a DeviceEmulator, set by the owner when emulating devices
         self.optimizer: torch.optim.Optimizer | None = None
         self._grads_prepared = False
 
@@ -142,9 +143,14 @@ class ExpertShard:
             weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
             return self.modules[layer](x, index_R1, weight_R1)
 
+    def _emulate(self, direction: str, layer: int, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
+        if self.emulator is not None:
+            rows = torch.bincount(local_expert_R, minlength=len(self.local[layer])).tolist()
+            self.emulator.pad(start, self.emulator.experts_s(direction, rows_per_expert=rows, real_seq_len=seq_len))
+
     def forward(
         self, key: ExchangeKey, x_RH: torch.Tensor, local_expert_R: torch.Tensor, *, keep: bool,
-        autocast_dtype: torch.dtype | None,
+        autocast_dtype: torch.dtype | None, seq_len: int = 1,
     ) -> torch.Tensor:
         start = time.perf_counter()
         if keep:
@@ -153,7 +159,8 @@ class ExpertShard:
         y = self._run(key.layer, x, local_expert_R, keep and not self.recompute, autocast_dtype)
         if keep:
             # With recompute, only the inputs stay; the graph is rebuilt in backward.
-            self.saved[key] = (x, local_expert_R, autocast_dtype) if self.recompute else (x, y)
+            self.saved[key] = (x, local_expert_R if self.recompute else y, autocast_dtype, local_expert_R, seq_len)
+        self._emulate("F", key.layer, local_expert_R, seq_len, start)
         if self.timeline is not None:
             self.timeline.record("E", "F", key.layer, key.stripe, start)
         return y.detach()
@@ -165,11 +172,11 @@ class ExpertShard:
                 f"hetermoe: rank {self.rank} has no saved activations for layer {key.layer} stripe {key.stripe} "
                 f"of forward {key.session}; a backward ran without its forward (or after a newer forward)."
             )
-        saved = self.saved.pop(key)
-        x = saved[0]
-        y = self._run(key.layer, x, saved[1], True, saved[2]) if self.recompute else saved[1]
+        x, y_or_index, autocast_dtype, local_expert_R, seq_len = self.saved.pop(key)
+        y = self._run(key.layer, x, y_or_index, True, autocast_dtype) if self.recompute else y_or_index
         if x.shape[0] and y.requires_grad:
             torch.autograd.backward(y, dy_RH.to(y.dtype))
+        self._emulate("B", key.layer, local_expert_R, seq_len, start)
         if self.timeline is not None:
             self.timeline.record("E", "B", key.layer, key.stripe, start)
         return x.grad if x.grad is not None else torch.zeros_like(x)

@@ -110,7 +110,8 @@ def trainers_carry_callback(config: HeterMoEConfig, groups: HeterMoEGroups) -> I
                 if cb is HeterMoECallback:
                     callbacks[i] = HeterMoECallback(config, groups=groups)
                 elif isinstance(cb, HeterMoECallback) and cb.groups is None:
-                    cb.config, cb.groups = config, groups
+                    cb.groups = groups
+                    cb.config = cb.config or config
         bound.arguments["callbacks"] = callbacks
         original_init(*bound.args, **bound.kwargs)
 
@@ -169,6 +170,7 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
             reason = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             with contextlib.suppress(Exception):
                 channel.broadcast(Op.ABORT, payload={"reason": f"attention rank 0: {reason}"})
+                channel.flush()
         raise
     _stop_servers(channel, groups)
 
@@ -176,6 +178,7 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
 def _stop_servers(channel: CommandChannel, groups: HeterMoEGroups) -> None:
     if groups.is_leader and groups.topology.expert_ranks:
         channel.broadcast(Op.STOP)
+        channel.flush()  # commands travel in order on one connection: STOP sent means all earlier ones were
 
 
 def main(argv: list[str] | None = None) -> None:

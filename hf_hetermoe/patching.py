@@ -122,6 +122,8 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         raise ValueError(f"hetermoe: rank {groups.rank} is an expert rank; only attention ranks run the model.")
     family = get_family(getattr(model.config, "model_type", None))
     config.check_model(model.config, groups.topology)
+    if config.emulation is not None:
+        config.emulation.check_world(groups.world_size)
     _refuse_unbuilt_features(config)
     _refuse_transformers_expert_parallel(model)
 
@@ -160,7 +162,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     if groups.is_leader and engine.has_servers:
         payload = build_setup_payload(
             model_config=model.config, placement=placement, dtype=dtype, num_replicas=groups.topology.num_attention,
-            expert_recompute=config.zebra.expert_recompute,
+            expert_recompute=config.zebra.expert_recompute, emulation=config.emulation,
         )
         engine.command(Op.SETUP, payload=payload)
         for server in groups.topology.expert_ranks:
@@ -185,13 +187,15 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         ))
     model.__dict__[_ENGINE_ATTR] = engine
     model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine)
+    engine.install_model_hooks(model)
     stripes = config.zebra.stripes(groups.topology.mode)
-    if stripes > 1:
-        if engine.async_exchanger is None:
-            raise ValueError(
-                f"hetermoe: zebra.microbatches={stripes} needs expert ranks and attention ranks that hold no experts "
-                "(disaggregated mode, asym_ea off); use microbatches 1 here."
-            )
+    if stripes > 1 and engine.async_exchanger is None:
+        raise ValueError(
+            f"hetermoe: zebra.microbatches={stripes} needs expert ranks and attention ranks that hold no experts "
+            "(disaggregated mode, asym_ea off); use microbatches 1 here."
+        )
+    if engine.async_exchanger is not None:
+        # With expert servers, training always runs the zebra runner; R = 1 is the DistEP schedule.
         runner = ZebraRunner(base_model=model.base_model, engine=engine, microbatches=stripes,
                              moe_layers=placement.layers)
         runner.install()
@@ -243,6 +247,7 @@ def revert_hetermoe(model: nn.Module) -> nn.Module:
     runner = model.__dict__.pop(_RUNNER_ATTR, None)
     if runner is not None:
         runner.uninstall()
+    engine.remove_model_hooks()
     del model.__dict__[_ENGINE_ATTR]
     del model.__dict__[_HOOKS_ATTR]
     return model

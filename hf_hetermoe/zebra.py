@@ -200,7 +200,7 @@ class ZebraRunner:
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _applies(self, args: tuple, kwargs: dict) -> bool:
-        if self.num_stripes < 2 or self.engine.async_exchanger is None or args:
+        if self.engine.async_exchanger is None or args:
             return False
         if not (self.base.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
             return False
@@ -302,9 +302,12 @@ class ZebraRunner:
             engine.timeline.record("A", "B", top, j, start)
         for layer in reversed(range(len(self.layers))):
             for j in stripes:
+                exchange = pending.pop((layer, j), None)
+                dx = exchange.wait() if exchange is not None else None  # waiting is not attention work
                 start = time.perf_counter()
                 out = run.outputs[j] if layer == top else run.segment(layer, j).out
-                g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, pending.pop((layer, j), None))
+                g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, dx)
+                engine.pad_attention("B", run.rows[j][1] - run.rows[j][0], start)
                 if layer > 0:
                     below = run.segment(layer - 1, j).out
                     pending[(layer - 1, j)] = self._stage1(run, layer - 1, j, below, g_seg[j])
@@ -357,9 +360,8 @@ class ZebraRunner:
         return self.engine.issue_backward(key, plan, torch.zeros(0, hidden, dtype=self.base.dtype,
                                                                   device=self.engine.groups.device))
 
-    def _stage2(self, run: ZebraRun, layer: int, stripe: int, out, g, g_logits: list, pending) -> torch.Tensor | None:
+    def _stage2(self, run: ZebraRun, layer: int, stripe: int, out, g, g_logits: list, dx) -> torch.Tensor | None:
         """The rest of the segment's backward, once dx is back; returns the gradient of its input."""
-        dx = pending.wait() if pending is not None else None
         seg = run.segments.get((layer, stripe))
         if seg is None or out is None or g is None:
             return None
@@ -401,6 +403,8 @@ def exchange_in_stripe(engine: Any, layer: int, x_PH: torch.Tensor, counts_E: to
     key = ExchangeKey(session=run.session, layer=layer, stripe=stripe)
     keep = torch.is_grad_enabled() and x_PH.requires_grad
     autocast_on, autocast_dtype = _autocast_state(x_PH.device.type)
+    start, stop = run.rows[stripe]
+    engine.pad_attention("F", stop - start, _local.task_start)
     issued = time.perf_counter()
     engine.timeline.record("A", "F", layer, stripe, _local.task_start, issued)
     pending, plan = engine.issue_forward(key, x_PH.detach(), counts_E, keep=keep,

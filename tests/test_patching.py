@@ -132,7 +132,7 @@ def test_unsupported_model_and_bad_modes_are_clear_errors():
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ValueError, match=r"'llama' is not supported.*\['mixtral'"):
+    with pytest.raises(ValueError, match=r"'llama' is not supported.*\[.*'mixtral'.*\]"):
         apply_hetermoe(llama, HeterMoEConfig(mode="colocated"))
     with pytest.raises(ValueError, match="needs the HeterMoE launcher"):
         apply_hetermoe(fresh_model(), HeterMoEConfig(attention_ranks=[0], expert_ranks=[1]))
@@ -163,8 +163,6 @@ def test_trainer_golden_single_process(tmp_path, monkeypatch, checkpointing):
     torch.testing.assert_close(torch.tensor(grad_norms(ours)), torch.tensor(grad_norms(stock)), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("config", [HeterMoEConfig(mode="colocated", zebra={"microbatches": 2}),
-                                    HeterMoEConfig(mode="colocated", asym_ea={1: 1})])
-def test_features_not_built_yet_are_refused(config):
+def test_features_not_built_yet_are_refused():
     with pytest.raises(ValueError, match="does not implement yet"):
-        apply_hetermoe(fresh_model(), config)
+        apply_hetermoe(fresh_model(), HeterMoEConfig(mode="colocated", asym_ea={1: 1}))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import time
 from typing import Any
 
 import torch
@@ -58,14 +60,16 @@ def _expert_param_group(optimizer: torch.optim.Optimizer, weight_decay: float) -
 class HeterMoECallback(TrainerCallback):
     """Add to `Trainer(callbacks=[...])`; the HeterMoE launcher adds it to every Trainer by itself.
 
-    `config`: a HeterMoEConfig, a YAML path, or None. Without the launcher (`groups` is None) the model runs
-    colocated over the script's own world: every rank runs attention and holds 1/W of the experts.
+    `config`: a HeterMoEConfig, a YAML path, or None (the launcher's config under the launcher, else colocated).
+    Without the launcher (`groups` is None) the model runs colocated over the script's own world: every rank runs
+    attention and holds 1/W of the experts. Under the launcher the roles come from the launcher; a config given
+    here still sets the schedule (zebra, emulation, timeouts).
     """
 
     def __init__(self, config: HeterMoEConfig | str | None = None, *, groups: HeterMoEGroups | None = None):
         if isinstance(config, str):
             config = HeterMoEConfig.from_yaml(config)
-        self.config = config or HeterMoEConfig(mode="colocated")
+        self.config = config
         self.groups = groups
         self.trainer: Trainer | None = None
         self.engine = None
@@ -84,7 +88,7 @@ class HeterMoECallback(TrainerCallback):
             )
         if not args.ddp_find_unused_parameters in (None, False):
             logger.warning("hetermoe: ddp_find_unused_parameters has no effect (HeterMoE does not use DDP).")
-        self.engine = apply_hetermoe(model, self.config, self.groups)
+        self.engine = apply_hetermoe(model, self.config or HeterMoEConfig(mode="colocated"), self.groups)
         # Device placement and mixed-precision autocast as Accelerate gives every model, but no DDP wrapper:
         # HeterMoE averages the attention gradients itself (expert gradients must not be all-reduced).
         trainer.accelerator.prepare_model(model, evaluation_mode=True)
@@ -130,6 +134,19 @@ class HeterMoECallback(TrainerCallback):
                 self._setup_expert_optimizer(trainer.optimizer)
                 load_expert_optimizer(engine, checkpoint)
 
+        original_log = trainer.log
+        self._stats_since = time.perf_counter()
+
+        def log(logs, *args, **kwargs):
+            if "loss" in logs:  # a training log: add how busy each pool was since the previous one
+                for key, value in engine.pool_busy(self._stats_since).items():
+                    logs[f"hetermoe_{key}"] = round(value, 4)
+                if engine.emulator is not None:
+                    logs["hetermoe_emulated_devices"] = ",".join(engine.config.emulation.devices)
+                self._stats_since = time.perf_counter()
+            return original_log(logs, *args, **kwargs)
+
+        trainer.log = log
         trainer._clip_grad_norm = clip_grad_norm
         trainer._get_grad_norm = get_grad_norm
         trainer.save_model = save_model
@@ -149,6 +166,10 @@ class HeterMoECallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # The gradient-norm path already did this; a Trainer subclass that skips it still gets DDP semantics.
         self.engine.finish_gradients(list(model.parameters()))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if os.environ.get("HETERMOE_TRACE"):
+            self.engine.timeline.write_chrome_trace(os.environ["HETERMOE_TRACE"])
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
