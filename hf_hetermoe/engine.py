@@ -37,6 +37,8 @@ from .timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
+MAX_EXPERT_GROUPS = 3  # learning rates travel in the STEP command's float slots, after the clip coefficient
+
 
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. recomputing a checkpointed layer)."""
@@ -301,27 +303,34 @@ class HeterMoEEngine:
         return total
 
     # ---- optimizer ------------------------------------------------------------------------------------------
-    def setup_optimizer(self, optimizer: torch.optim.Optimizer, group_index: int) -> None:
-        """Give the expert holders an optimizer of the Trainer's class with the hyperparameters of one group."""
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, group_of: dict[str, int]) -> None:
+        """Give the expert holders an optimizer of the Trainer's class: each fused expert tensor (by name) gets the
+        hyperparameters of the Trainer param group it would be in (`group_of`), e.g. no weight decay for biases."""
         inner = getattr(optimizer, "optimizer", optimizer)  # unwrap AcceleratedOptimizer
         cls = type(inner)
         class_path = f"{cls.__module__}:{cls.__qualname__}"
-        hyper = optimizer_hyperparams(inner, group_index)
-        key = (class_path, tuple(sorted((k, str(v)) for k, v in hyper.items())))
+        indices = sorted(set(group_of.values()))
+        if len(indices) > MAX_EXPERT_GROUPS:
+            raise ValueError(f"hetermoe: experts can use at most {MAX_EXPERT_GROUPS} optimizer param groups.")
+        groups = [
+            {"hyperparams": optimizer_hyperparams(inner, i), "params": sorted(n for n, g in group_of.items() if g == i)}
+            for i in indices
+        ]
+        key = (class_path, repr(groups))
         if key == self._optimizer_key:
             return
         self._optimizer_key = key
-        self.optimizer_group = group_index
-        self.command(Op.OPTIM_SETUP, payload={"class": class_path, "hyperparams": hyper})
+        self.optimizer_groups = indices  # Trainer group index of each expert param group, in order
+        self.command(Op.OPTIM_SETUP, payload={"class": class_path, "groups": groups})
         if self.shard is not None:
-            self.shard.build_optimizer(class_path, hyper)
-        logger.info("hetermoe: experts use %s with %s", class_path, hyper)
+            self.shard.build_optimizer(class_path, groups)
+        logger.info("hetermoe: experts use %s with groups %s", class_path, groups)
 
-    def step(self, *, lr: float, skipped: bool) -> None:
-        """Step the experts with the learning rate the Trainer's optimizer just used, then zero their grads."""
-        self.command(Op.STEP, floats=(lr, self.clip_coef), ints=(int(skipped),))
+    def step(self, *, lrs: list[float], skipped: bool) -> None:
+        """Step the experts with the learning rates the Trainer's optimizer just used, then zero their grads."""
+        self.command(Op.STEP, floats=(self.clip_coef, *lrs), ints=(int(skipped),))
         if self.shard is not None:
-            self.shard.step(lr=lr, clip_coef=self.clip_coef, skipped=skipped)
+            self.shard.step(lrs=lrs, clip_coef=self.clip_coef, skipped=skipped)
         self.clip_coef = 1.0
         self._grads_finished = False
         if not skipped:

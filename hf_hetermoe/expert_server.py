@@ -121,13 +121,12 @@ def serve(groups: HeterMoEGroups) -> None:
             channel.send_tensor_dict(groups.leader, {"stats": torch.tensor([busy, now - stats_since], dtype=torch.float64)})
             stats_since = now
         elif op == Op.OPTIM_SETUP:
-            shard.build_optimizer(cmd.payload["class"], cmd.payload["hyperparams"])
+            shard.build_optimizer(cmd.payload["class"], cmd.payload["groups"])
         elif op == Op.GRAD_NORM:
             sq = torch.tensor([shard.prepare_grads(cmd.floats[0])], dtype=torch.float64)
             wait(groups.control.allreduce([sq]), "the gradient-norm all-reduce", groups.rank)
         elif op == Op.STEP:
-            lr, coef = cmd.floats[:2]
-            shard.step(lr=lr, clip_coef=coef, skipped=bool(cmd.ints[0]))
+            shard.step(lrs=list(cmd.floats[1:]), clip_coef=cmd.floats[0], skipped=bool(cmd.ints[0]))
         elif op == Op.FETCH_WEIGHTS:
             channel.send_tensor_dict(groups.leader, shard.local_weights())
         elif op == Op.LOAD_WEIGHTS:

@@ -203,12 +203,25 @@ class ExpertShard:
             total += p.grad.detach().double().pow(2).sum().cpu()
         return float(total)
 
-    def build_optimizer(self, class_path: str, hyperparams: dict[str, Any]) -> None:
+    def build_optimizer(self, class_path: str, groups: list[dict[str, Any]]) -> None:
+        """`groups`: [{"hyperparams": {...}, "params": [fused tensor names]}], in the order STEP sends lrs."""
         cls = import_class(class_path)
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hyperparams.items()}
-        self.optimizer = cls(self.parameters(), **kwargs)
 
-    def step(self, *, lr: float, clip_coef: float, skipped: bool) -> None:
+        def typed(hyper: dict) -> dict:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}
+
+        param_groups = []
+        for group in groups:
+            params = [p for _, name, p in self.named_parameters() if name in group["params"]]
+            param_groups.append({"params": params, **typed(group["hyperparams"])})
+        placed = sum(len(g["params"]) for g in param_groups)
+        if placed != len(self.parameters()):
+            raise RuntimeError(f"hetermoe: expert rank {self.rank}: optimizer groups cover {placed} of "
+                               f"{len(self.parameters())} expert tensors.")
+        self.optimizer = cls([g for g in param_groups if g["params"]], **typed(groups[0]["hyperparams"]))
+        self._group_lr_index = [i for i, g in enumerate(param_groups) if g["params"]]
+
+    def step(self, *, lrs: list[float], clip_coef: float, skipped: bool) -> None:
         self.prepare_grads()
         if not skipped:
             if self.optimizer is None:
@@ -217,8 +230,8 @@ class ExpertShard:
                 )
             if clip_coef != 1.0:
                 torch._foreach_mul_([p.grad for p in self.parameters()], clip_coef)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group, lr_index in zip(self.optimizer.param_groups, self._group_lr_index):
+                group["lr"] = lrs[lr_index]
             self.optimizer.step()
         for p in self.parameters():
             p.grad = None
@@ -248,8 +261,9 @@ class ExpertShard:
                 kind, _, rest = key.partition("|")
                 if rest.startswith(prefix):
                     state.setdefault(index, {})[rest[len(prefix):]] = value.to(p.device)
+        index_of = {id(p): i for i, p in enumerate(self.parameters())}
         groups = [
-            {k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(self.parameters())))}
+            {k: v for k, v in g.items() if k != "params"} | {"params": [index_of[id(p)] for p in g["params"]]}
             for g in self.optimizer.param_groups
         ]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -10,7 +10,7 @@ Per family, with a tiny config built here (production sizes beside the shrunk va
   aux loss where the family has one) on 1 attention + 2 expert ranks equal stock single-process training
   (losses and grad norms rtol 1e-5, final weights atol 1e-5), and the HeterMoE checkpoint is the stock file.
   All families train in ONE 3-process job (a spawn costs ~20 s here); the expert servers take a new SETUP per
-  model. GPT-OSS trains with weight_decay 0 until the expert ranks keep the Trainer's no-decay group for biases.
+  model. Weight decay is on (0.01): GPT-OSS's expert biases must land in the Trainer's no-decay group.
 """
 
 from __future__ import annotations
@@ -437,15 +437,9 @@ def test_revert_restores_an_untouched_model(name):
 M1 = {"attention_ranks": [0], "timeout_s": 120}  # rank 0 attention, ranks 1-2 expert servers
 
 
-# GPT-OSS trains without weight decay: the Trainer exempts parameters named "*bias*" from decay, but the expert
-# ranks build one optimizer group for all expert tensors, so `gate_up_proj_bias` / `down_proj_bias` would be
-# decayed there (grad norms then differ from stock by ~3e-5 relative after 8 steps). Engine change requested.
-WEIGHT_DECAY = {"gpt_oss": 0.0}
-
-
 def _spec(name: str, base) -> dict:
     return {"model_factory": FACTORIES[name], "output_dir": str(base / name), "final_dir": str(base / f"{name}_final"),
-            "weight_decay": WEIGHT_DECAY.get(name, 0.01)}
+            "weight_decay": 0.01}
 
 
 def train_families_under_launcher(hetermoe_config: dict, specs: list[dict]) -> list | None:

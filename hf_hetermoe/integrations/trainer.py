@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..block import HeterMoEExperts
 from ..checkpoint import load_expert_optimizer, save_expert_optimizer
 from ..config import HeterMoEConfig
 from ..groups import HeterMoEGroups
@@ -48,13 +49,20 @@ def _find_trainer(callback: TrainerCallback) -> Trainer:
     raise RuntimeError("hetermoe: HeterMoECallback could not find the Trainer that owns it.")
 
 
-def _expert_param_group(optimizer: torch.optim.Optimizer, weight_decay: float) -> int:
-    """The param group stock experts would be in: the Trainer puts weight matrices in the decay group."""
+def _expert_param_groups(trainer: Trainer, optimizer: torch.optim.Optimizer, experts: torch.nn.Module) -> dict[str, int]:
+    """The Trainer param group each fused expert tensor would be in, by the Trainer's own decay rules: weight
+    matrices in the decay group, biases (e.g. GPT-OSS's) in the no-decay group."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    for index, group in enumerate(inner.param_groups):
-        if group.get("weight_decay", None) == weight_decay:
-            return index
-    return 0
+    decay_names = set(trainer.get_decay_parameter_names(experts))
+    weight_decay = trainer.args.weight_decay
+
+    def first_group(decay: bool) -> int:
+        for index, group in enumerate(inner.param_groups):
+            if group.get("weight_decay") == (weight_decay if decay else 0.0):
+                return index
+        return 0
+
+    return {name: first_group(name in decay_names) for name, _ in experts.named_parameters()}
 
 
 class HeterMoECallback(TrainerCallback):
@@ -156,8 +164,8 @@ class HeterMoECallback(TrainerCallback):
     def _setup_expert_optimizer(self, optimizer) -> None:
         if optimizer is None:
             return
-        group = _expert_param_group(optimizer, self.trainer.args.weight_decay)
-        self.engine.setup_optimizer(optimizer, group)
+        experts = next(m for m in self.trainer.model.modules() if isinstance(m, HeterMoEExperts))._original_experts
+        self.engine.setup_optimizer(optimizer, _expert_param_groups(self.trainer, optimizer, experts))
 
     # ---- training events ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -174,5 +182,5 @@ class HeterMoECallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
         inner = getattr(optimizer, "optimizer", optimizer)
-        lr = float(inner.param_groups[self.engine.optimizer_group]["lr"])
-        self.engine.step(lr=lr, skipped=skipped)
+        lrs = [float(inner.param_groups[i]["lr"]) for i in self.engine.optimizer_groups]
+        self.engine.step(lrs=lrs, skipped=skipped)
