@@ -7,6 +7,7 @@ One script, three ways to run it: stock (single process or DDP), under the Heter
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -60,6 +61,14 @@ class LocalHub:
 PROMPT = [[5, 17, 33, 2, 61, 8]]
 
 
+class _StepEnds(TrainerCallback):
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
@@ -110,6 +119,10 @@ def train(spec: dict) -> dict | None:
     callbacks: list[TrainerCallback] = list(spec.get("callbacks", []))
     if spec.get("stop_at"):
         callbacks.append(_StopAt(spec["stop_at"]))
+    step_ends = _StepEnds()
+    callbacks.append(step_ends)
+    if spec.get("trace_dir"):
+        os.environ["HETERMOE_TRACE"] = spec["trace_dir"]  # HeterMoECallback writes this rank's trace at train end
     if spec.get("colocated_callback"):
         from hf_hetermoe import HeterMoECallback, HeterMoEConfig
 
@@ -134,7 +147,8 @@ def train(spec: dict) -> dict | None:
             generated = model.generate(torch.tensor(PROMPT), max_new_tokens=8, do_sample=False).tolist()
     if not trainer.is_world_process_zero():
         return None
-    return {"losses": losses, "log_history": trainer.state.log_history, "generated": generated}
+    return {"losses": losses, "log_history": trainer.state.log_history, "generated": generated,
+            "step_ends": step_ends.ends}
 
 
 def train_under_launcher(hetermoe_config: dict, spec: dict) -> dict | None:

@@ -3,6 +3,7 @@
 8 optimizer steps of a tiny Mixtral (random init from a fixed seed, AdamW, warm-up + linear decay, clipping,
 gradient accumulation 2, aux loss on) through the stock Trainer: per-micro-batch losses (rtol 1e-5) and final
 weights (atol 1e-5) equal stock transformers, single process for M=1 and stock DDP over M gloo ranks for M=2.
+Disaggregated runs use zebra parallelism with the default R = 2 unless a test sets R (1 and 4 below).
 Checkpoints load into stock MixtralForCausalLM; resuming from step 4 reaches the straight run's weights.
 """
 
@@ -16,6 +17,7 @@ from transformers import MixtralForCausalLM
 from hf_hetermoe.checkpoint import EXPERT_OPTIMIZER_FILE
 from tests._dist import spawn
 from tests._jobs import PROMPT, train, train_under_launcher
+from tests._zebra_jobs import train_each
 
 M1 = {"attention_ranks": [0]}          # rank 0 attention, the rest expert servers
 M2 = {"attention_ranks": [0, 1]}
@@ -110,6 +112,29 @@ def test_m2_n2_equals_stock_ddp_with_eval_and_generate(base, stock_ddp):
     assert len(logged(ours, "eval_loss")) == 2
     assert ours["generated"] == stock_ddp["generated"]
     assert ours["generated"][0][: len(PROMPT[0])] == PROMPT[0] and len(ours["generated"][0]) == len(PROMPT[0]) + 8
+
+
+def test_zebra_r1_r4_and_checkpointing_m1(base, stock_single):
+    """R = 1 (DistEP) and R = 4 stripes, plain and with gradient checkpointing, on 1 attention + 1 expert rank.
+    (R = 2, the default, runs in the other tests.)"""
+    runs = [({"zebra": {"microbatches": r}}, {"output_dir": str(base / f"z{r}gc{int(gc)}"),
+                                              "final_dir": str(base / f"z{r}gc{int(gc)}_final"),
+                                              "gradient_checkpointing": gc})
+            for r, gc in ((1, False), (4, False), (4, True))]
+    results = spawn(2, train_each, M1, runs)[0]
+    for (config, spec), ours in zip(runs, results):
+        gc = spec["gradient_checkpointing"]
+        assert_same_losses(stock_single[gc], ours)
+        assert_same_weights(base / f"stock_single_gc{int(gc)}_final", spec["final_dir"])
+
+
+def test_zebra_r1_r4_m2(base, stock_ddp):
+    runs = [({"zebra": {"microbatches": r}}, {"output_dir": str(base / f"m2z{r}"), "final_dir": str(base / f"m2z{r}_final")})
+            for r in (1, 4)]
+    results = spawn(4, train_each, M2, runs)[0]
+    for (config, spec), ours in zip(runs, results):
+        assert_same_losses(stock_ddp, ours)
+        assert_same_weights(base / "ddp_final", spec["final_dir"])
 
 
 def test_colocated_two_ranks_without_launcher_equals_stock_ddp(base, stock_ddp):
