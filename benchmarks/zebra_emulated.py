@@ -40,7 +40,7 @@ def balanced_seq_len(batch: int, stripes: int = 2) -> int:
 
     shape, a40, v100 = resolve_model("D1"), builtin_profile("A40"), builtin_profile("V100")
     best, best_gap = 4096, float("inf")
-    for seq in (2048, 4096, 8192, 16384, 32768):
+    for seq in range(2048, 65537, 1024):
         seqs = batch // stripes
         attention = a40.attention_s(shape, num_seqs=seqs, seq_len=seq)[0]
         # each V100 holds 12 of 24 experts and gets this stripe's rows from both attention ranks
