@@ -13,6 +13,7 @@ Backward : output-grad rows all-to-all (dispatch) -> expert backward -> input-gr
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,24 +151,34 @@ class ExpertExchanger:
 
 
 # ---- asynchronous exchanges (zebra) --------------------------------------------------------------------------
-@dataclass
 class PendingExchange:
-    """Collectives issued for one (layer, stripe) exchange; `wait()` returns the received rows."""
+    """Collectives of one (layer, stripe) exchange; `wait()` returns the received rows.
 
-    works: list[tuple[Any, str]]
-    result: torch.Tensor
-    rank: int
-    keep_alive: tuple = ()  # send buffers must live until their collective completes
-    done_at: list[float] | None = None  # completion time of the receive, when the backend reports it
+    An attention rank that holds experts of the layer (Asym-EA) issues the combine only after computing its
+    experts for every stripe of the layer, so the combine may be attached later (`attach`)."""
+
+    def __init__(self, *, rank: int, result: torch.Tensor | None = None):
+        self.rank = rank
+        self.result = result
+        self.works: list[tuple[Any, str]] = []
+        self.keep_alive: list = []  # send buffers must live until their collective completes
+        self._ready = threading.Event()
+
+    def attach(self, works: list[tuple[Any, str]], result: torch.Tensor, keep_alive: tuple = ()) -> None:
+        self.works += works
+        self.result = result
+        self.keep_alive += list(keep_alive)
+        self._ready.set()
 
     def wait(self) -> torch.Tensor:
+        self._ready.wait()
         for work, what in self.works:
             wait(work, what, self.rank)
         return self.result
 
 
 class ReceiveBuffers:
-    """Receive buffers reused across steps, one per (layer, stripe, direction), grown when a step needs more rows."""
+    """Receive buffers reused across steps, one per (layer, stripe, use), grown when a step needs more rows."""
 
     def __init__(self, hidden_size: int, device: torch.device):
         self.hidden_size = hidden_size
@@ -183,50 +194,138 @@ class ReceiveBuffers:
 
 
 def _issue(group: Any, recv: torch.Tensor, send: torch.Tensor, recv_splits: list[int], send_splits: list[int]):
-    if group.size() == 1:
-        raise AssertionError("asynchronous exchanges need expert ranks")
     return group.alltoall_base(recv, send, recv_splits, send_splits, dist.AllToAllOptions())
 
 
-class AsyncAttentionExchanger:
-    """Exchanges of an attention rank that holds no experts, issued without waiting.
+@dataclass
+class _HeldRows:
+    """Rows this attention rank received for its own experts, waiting for the layer's local compute."""
 
-    Such a rank needs nothing back from the count exchange: it receives exactly the rows it sent. So it issues
-    counts, rows and the result receive at once and goes on computing; only `PendingExchange.wait()` blocks.
+    key: ExchangeKey
+    plan: ExchangePlan
+    rows: torch.Tensor
+    work: Any
+    pending: PendingExchange
+    keep: bool = False
+    autocast: torch.dtype | None = None
+    seq_len: int = 1
+
+
+class AsyncAttentionExchanger:
+    """Exchanges of an attention rank, issued without waiting on expert servers.
+
+    The count exchange on the dispatch group carries only the expert servers' counts (attention ranks receive
+    none there), so an attention rank never waits for a busy server before issuing. Experts held by attention
+    ranks (Asym-EA) get their counts over the attention group instead, among ranks that are in step anyway.
+    Rows go to servers and attention holders in one all-to-all; results come back in one all-to-all too.
     """
 
     def __init__(self, exchanger: ExpertExchanger, buffers: ReceiveBuffers):
-        assert exchanger.is_attention and exchanger.shard is None
+        assert exchanger.is_attention
         self.x = exchanger
         self.buffers = buffers
+        topology = exchanger.groups.topology
+        self.servers = set(topology.expert_ranks)
+        self.attention_ranks = topology.attention_ranks
+        self._held: dict[int, list[_HeldRows]] = {}  # layer -> rows waiting for local compute, in stripe order
 
-    def forward(self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor) -> tuple[PendingExchange, ExchangePlan]:
+    def holds(self, layer: int) -> bool:
+        return bool(self.x.local_of[layer][self.x.rank])
+
+    def _attention_held_counts(self, layer: int, counts_E: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per attention source, the counts of this rank's experts (None: no attention rank holds any)."""
+        local_of = self.x.local_of[layer]
+        if not any(local_of[a] for a in self.attention_ranks):
+            return None
+        send = torch.cat([counts_E[list(local_of[a])] for a in self.attention_ranks]).to(torch.int64)
+        mine = len(local_of[self.x.rank])
+        group = self.x.groups.attention
+        if group is None:
+            return [send]
+        device = self.x.groups.device
+        recv = torch.empty(mine * len(self.attention_ranks), dtype=torch.int64, device=device)
+        work = _issue(group, recv, send.to(device), [mine] * len(self.attention_ranks),
+                      [len(local_of[a]) for a in self.attention_ranks])
+        wait(work, f"the attention-held expert counts of layer {layer}", self.x.rank)
+        return list(recv.cpu().view(len(self.attention_ranks), mine)) if mine else None
+
+    def forward(self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool = False,
+                autocast: torch.dtype | None = None, seq_len: int = 1) -> tuple[PendingExchange, ExchangePlan]:
         x, world, rank = self.x, self.x.world, self.x.rank
         local_of = x.local_of[key.layer]
-        counts = torch.cat([counts_E[list(local_of[d])] for d in range(world)]).to(torch.int64)
-        count_splits = [len(local_of[d]) for d in range(world)]
+        to_servers = [d for d in range(world) if d in self.servers]
+        counts = torch.cat([counts_E[list(local_of[d])] for d in to_servers]).to(torch.int64) if to_servers else \
+            torch.zeros(0, dtype=torch.int64)
+        count_splits = [len(local_of[d]) if d in self.servers else 0 for d in range(world)]
         send_splits = [int(counts_E[list(local_of[d])].sum()) for d in range(world)]
-        none = [0] * world
-        plan = ExchangePlan(send_splits=send_splits, recv_splits=none, recv_local_expert_R=None, row_dtype=x_PH.dtype)
+        held_counts = self._attention_held_counts(key.layer, counts_E)
+        recv_splits, local_expert_R = [0] * world, None
+        if self.holds(key.layer) and held_counts is not None:
+            for src, per_expert in zip(self.attention_ranks, held_counts):
+                recv_splits[src] = int(per_expert.sum())
+            mine = len(local_of[rank])
+            local_expert_R = torch.repeat_interleave(torch.arange(mine).repeat(len(held_counts)),
+                                                     torch.cat(held_counts))
+        plan = ExchangePlan(send_splits=send_splits, recv_splits=recv_splits, recv_local_expert_R=local_expert_R,
+                            row_dtype=x_PH.dtype)
         x_PH = x_PH.contiguous()
-        y_PH = self.buffers.get((key.layer, key.stripe, "F"), x_PH.shape[0], x_PH.dtype)
+        none = [0] * world
         empty_i = torch.empty(0, dtype=torch.int64)
-        empty_x = x_PH.new_empty((0, x_PH.shape[1]))
-        works = [
+        rows_in = self.buffers.get((key.layer, key.stripe, "held-F"), sum(recv_splits), x_PH.dtype)
+        pending = PendingExchange(rank=rank)
+        pending.keep_alive += [counts, x_PH, empty_i]
+        pending.works += [
             (_issue(x.groups.dispatch, empty_i, counts, none, count_splits), f"the expert-count exchange of layer {key.layer}"),
-            (_issue(x.groups.dispatch, empty_x, x_PH, none, send_splits), f"the dispatch of layer {key.layer} stripe {key.stripe} (forward)"),
-            (_issue(x.groups.combine, y_PH, empty_x, send_splits, none), f"the combine of layer {key.layer} stripe {key.stripe} (forward)"),
         ]
-        return PendingExchange(works=works, result=y_PH, rank=rank, keep_alive=(counts, x_PH, empty_x, empty_i)), plan
+        rows_work = _issue(x.groups.dispatch, rows_in, x_PH, recv_splits, send_splits)
+        what = f"the dispatch of layer {key.layer} stripe {key.stripe} (forward)"
+        if local_expert_R is None:
+            pending.works.append((rows_work, what))
+            self._issue_combine(pending, key, "F", x_PH.new_empty((0, x_PH.shape[1])), none, send_splits, x_PH.dtype)
+        else:
+            self._held.setdefault(key.layer, []).append(
+                _HeldRows(key=key, plan=plan, rows=rows_in, work=(rows_work, what), pending=pending, keep=keep,
+                          autocast=autocast, seq_len=seq_len))
+        return pending, plan
+
+    def _issue_combine(self, pending: PendingExchange, key: ExchangeKey, direction: str, send: torch.Tensor,
+                       send_splits: list[int], recv_splits: list[int], dtype: torch.dtype) -> None:
+        out = self.buffers.get((key.layer, key.stripe, direction), sum(recv_splits), dtype)
+        work = _issue(self.x.groups.combine, out, send.contiguous(), recv_splits, send_splits)
+        name = "forward" if direction == "F" else "backward"
+        pending.attach([(work, f"the combine of layer {key.layer} stripe {key.stripe} ({name})")], out, (send,))
+
+    def finish_layer_forward(self, layer: int, shard: Any) -> None:
+        """Asym-EA: this rank's experts of `layer` for every stripe (after all stripes' attention), then combines."""
+        for held in self._held.pop(layer, []):
+            wait(*held.work, self.x.rank)
+            y = shard.forward(held.key, held.rows, held.plan.recv_local_expert_R, keep=held.keep,
+                              autocast_dtype=held.autocast, seq_len=held.seq_len)
+            self._issue_combine(held.pending, held.key, "F", y.to(held.plan.row_dtype), held.plan.recv_splits,
+                                held.plan.send_splits, held.plan.row_dtype)
 
     def backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor) -> PendingExchange:
         x, world = self.x, self.x.world
         none = [0] * world
         dy_PH = dy_PH.to(plan.row_dtype).contiguous()
-        dx_PH = self.buffers.get((key.layer, key.stripe, "B"), dy_PH.shape[0], plan.row_dtype)
-        empty = dy_PH.new_empty((0, dy_PH.shape[1]))
-        works = [
-            (_issue(x.groups.dispatch, empty, dy_PH, none, plan.send_splits), f"the dispatch of layer {key.layer} stripe {key.stripe} (backward)"),
-            (_issue(x.groups.combine, dx_PH, empty, plan.send_splits, none), f"the combine of layer {key.layer} stripe {key.stripe} (backward)"),
-        ]
-        return PendingExchange(works=works, result=dx_PH, rank=x.rank, keep_alive=(dy_PH, empty))
+        rows_in = self.buffers.get((key.layer, key.stripe, "held-B"), sum(plan.recv_splits), plan.row_dtype)
+        pending = PendingExchange(rank=x.rank)
+        pending.keep_alive.append(dy_PH)
+        rows_work = _issue(x.groups.dispatch, rows_in, dy_PH, plan.recv_splits, plan.send_splits)
+        what = f"the dispatch of layer {key.layer} stripe {key.stripe} (backward)"
+        if plan.recv_local_expert_R is None:
+            pending.works.append((rows_work, what))
+            self._issue_combine(pending, key, "B", dy_PH.new_empty((0, dy_PH.shape[1])), none, plan.send_splits,
+                                plan.row_dtype)
+        else:
+            self._held.setdefault(key.layer, []).append(
+                _HeldRows(key=key, plan=plan, rows=rows_in, work=(rows_work, what), pending=pending))
+        return pending
+
+    def finish_layer_backward(self, layer: int, shard: Any) -> None:
+        """Asym-EA: backward of this rank's experts of `layer` for every stripe, then the combines."""
+        for held in self._held.pop(layer, []):
+            wait(*held.work, self.x.rank)
+            dx = shard.backward(held.key, held.rows)
+            self._issue_combine(held.pending, held.key, "B", dx.to(held.plan.row_dtype), held.plan.recv_splits,
+                                held.plan.send_splits, held.plan.row_dtype)

@@ -88,9 +88,7 @@ class HeterMoEEngine:
         self._attention_resumed = {"F": time.perf_counter(), "B": time.perf_counter()}
         self._hook_handles: list[Any] = []
         self.buffers = ReceiveBuffers(model_config.hidden_size, groups.device)
-        self.async_exchanger = (
-            AsyncAttentionExchanger(self.exchanger, self.buffers) if shard is None and self.has_servers else None
-        )
+        self.async_exchanger = AsyncAttentionExchanger(self.exchanger, self.buffers) if self.has_servers else None
         self.clip_coef = 1.0
         self._optimizer_key: tuple | None = None
         self.weights_version = 0
@@ -230,11 +228,24 @@ class HeterMoEEngine:
             ints=(key.layer, key.stripe, key.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype],
                   self.seq_len),
         )
-        return self.async_exchanger.forward(key, x_PH, counts_E)
+        return self.async_exchanger.forward(key, x_PH, counts_E, keep=keep, autocast=autocast, seq_len=self.seq_len)
 
     def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor) -> PendingExchange:
         self.command(Op.BACKWARD, ints=(key.layer, key.stripe, key.session))
         return self.async_exchanger.backward(key, plan, dy_PH)
+
+    def holds_layer(self, layer: int) -> bool:
+        """Asym-EA: this attention rank holds some experts of `layer`."""
+        return self.shard is not None and layer in self.shard.local
+
+    def finish_local_forward(self, layer: int) -> None:
+        """Asym-EA: after every stripe's attention of `layer`, run this rank's experts of it (then combine)."""
+        if self.holds_layer(layer):
+            self.async_exchanger.finish_layer_forward(layer, self.shard)
+
+    def finish_local_backward(self, layer: int) -> None:
+        if self.holds_layer(layer):
+            self.async_exchanger.finish_layer_backward(layer, self.shard)
 
     # ---- gradients ----------------------------------------------------------------------------------------
     @staticmethod

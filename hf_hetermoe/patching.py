@@ -29,7 +29,7 @@ from .engine import HeterMoEEngine
 from .expert_server import build_setup_payload
 from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
-from .placement import ExpertPlacement
+from .asym_ea import auto_placement_counts, check_fits, describe_offloads, placement_for
 from .zebra import ZebraRunner
 
 logger = logging.getLogger(__name__)
@@ -87,16 +87,6 @@ def _broadcast_from_first_attention_rank(model: nn.Module, groups: HeterMoEGroup
             t.copy_(synced)
 
 
-def _refuse_unbuilt_features(config: HeterMoEConfig) -> None:
-    # Accepted by the config schema so files stay forward compatible, but not built yet: refuse rather than
-    # silently train without them.
-    if config.asym_ea != "off":
-        raise ValueError(
-            f"hetermoe: asym_ea={config.asym_ea!r} asks for experts on attention ranks, which this version does not "
-            "implement yet; set `asym_ea: off`."
-        )
-
-
 def _refuse_transformers_expert_parallel(model: nn.Module) -> None:
     dist_config = getattr(model.config, "distributed_config", None)
     if getattr(dist_config, "enable_expert_parallel", False) or any(
@@ -108,10 +98,12 @@ def _refuse_transformers_expert_parallel(model: nn.Module) -> None:
         )
 
 
-def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, groups: HeterMoEGroups | None = None) -> HeterMoEEngine:
+def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, groups: HeterMoEGroups | None = None,
+                   *, workload: tuple[int, int] | None = None) -> HeterMoEEngine:
     """Patch `model` in place for HeterMoE on this attention rank and return its engine (idempotent).
 
-    Every attention rank must call this, in the same order, with the same model architecture.
+    Every attention rank must call this, in the same order, with the same model architecture. `workload`
+    (sequences per stripe, tokens per sequence) is what `asym_ea: auto` profiles.
     """
     existing = get_engine(model)
     if existing is not None:
@@ -124,7 +116,6 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     config.check_model(model.config, groups.topology)
     if config.emulation is not None:
         config.emulation.check_world(groups.world_size)
-    _refuse_unbuilt_features(config)
     _refuse_transformers_expert_parallel(model)
 
     slots = family.experts_slots(model)
@@ -135,14 +126,25 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             f"hetermoe: the model has routed experts in layers {[s.layer for s in slots]} but its config describes "
             f"MoE layers {list(family.moe_layers(model.config))}."
         )
-    placement = ExpertPlacement.even(
-        layers=family.moe_layers(model.config), num_experts=family.num_experts(model.config),
-        host_ranks=groups.topology.host_ranks,
+    offloads = None
+    if config.asym_ea == "auto" and groups.topology.mode == "disaggregated":
+        if workload is None:
+            raise ValueError(
+                "hetermoe: asym_ea: auto plans from one stripe's shape, which is unknown here; pass "
+                "workload=(sequences per stripe, tokens per sequence) to apply_hetermoe, or use the Trainer callback."
+            )
+        offloads = auto_placement_counts(model, family, config, groups, num_seqs=workload[0], seq_len=workload[1])
+    placement = placement_for(
+        config, layers=family.moe_layers(model.config), num_experts=family.num_experts(model.config),
+        topology=groups.topology, offloads=offloads,
     )
     _broadcast_from_first_attention_rank(model, groups)
 
     first = model.get_submodule(slots[0].path)
     dtype = getattr(first, family.expert_param_names[0]).dtype
+    bytes_per_expert = sum(getattr(first, n)[0].numel() * getattr(first, n).element_size()
+                           for n in family.expert_param_names)
+    check_fits(placement, rank=groups.rank, bytes_per_expert=bytes_per_expert, device=groups.device)
     full = {
         slot.layer: {name: getattr(model.get_submodule(slot.path), name).detach() for name in family.expert_param_names}
         for slot in slots
@@ -191,8 +193,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     stripes = config.zebra.stripes(groups.topology.mode)
     if stripes > 1 and engine.async_exchanger is None:
         raise ValueError(
-            f"hetermoe: zebra.microbatches={stripes} needs expert ranks and attention ranks that hold no experts "
-            "(disaggregated mode, asym_ea off); use microbatches 1 here."
+            f"hetermoe: zebra.microbatches={stripes} needs expert ranks (disaggregated mode); use microbatches 1 here."
         )
     if engine.async_exchanger is not None:
         # With expert servers, training always runs the zebra runner; R = 1 is the DistEP schedule.
@@ -201,6 +202,8 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         runner.install()
         model.__dict__[_RUNNER_ATTR] = runner
     logger.info("hetermoe: %s; experts:\n%s", groups.topology.describe(), placement.describe())
+    if groups.is_leader and groups.topology.mode == "disaggregated":
+        logger.info("hetermoe: Asym-EA: %s", describe_offloads(placement, groups.topology))
     return engine
 
 

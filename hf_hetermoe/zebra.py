@@ -300,6 +300,7 @@ class ZebraRunner:
             start = time.perf_counter()
             pending[(top, j)] = self._stage1(run, top, j, run.outputs[j], g_seg[j])
             engine.timeline.record("A", "B", top, j, start)
+        engine.finish_local_backward(top)
         for layer in reversed(range(len(self.layers))):
             for j in stripes:
                 exchange = pending.pop((layer, j), None)
@@ -312,6 +313,8 @@ class ZebraRunner:
                     below = run.segment(layer - 1, j).out
                     pending[(layer - 1, j)] = self._stage1(run, layer - 1, j, below, g_seg[j])
                 engine.timeline.record("A", "B", layer - 1, j, start)
+            if layer > 0:
+                engine.finish_local_backward(layer - 1)
             params = list(self.layers[layer].parameters())
             if layer == top:
                 params += [p for n, p in self.base.named_parameters() if not n.startswith("layers.")
@@ -409,6 +412,8 @@ def exchange_in_stripe(engine: Any, layer: int, x_PH: torch.Tensor, counts_E: to
     engine.timeline.record("A", "F", layer, stripe, _local.task_start, issued)
     pending, plan = engine.issue_forward(key, x_PH.detach(), counts_E, keep=keep,
                                          autocast=autocast_dtype if autocast_on else None)
+    if stripe == run.num_stripes - 1:
+        engine.finish_local_forward(layer)  # Asym-EA: experts held here run after all stripes' attention
     run.baton.pass_on(stripe)
     y_PH = pending.wait()
     engine.timeline.record("D", "F", layer, stripe, issued)

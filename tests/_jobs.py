@@ -147,7 +147,10 @@ def train(spec: dict) -> dict | None:
             generated = model.generate(torch.tensor(PROMPT), max_new_tokens=8, do_sample=False).tolist()
     if not trainer.is_world_process_zero():
         return None
-    return {"losses": losses, "log_history": trainer.state.log_history, "generated": generated,
+    from hf_hetermoe import get_engine
+
+    engine = get_engine(trainer.model)
+    return {"placement": engine.placement.to_dict() if engine is not None else None,"losses": losses, "log_history": trainer.state.log_history, "generated": generated,
             "step_ends": step_ends.ends}
 
 
