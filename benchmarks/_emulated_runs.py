@@ -37,8 +37,11 @@ def run_one(run: dict, base: dict) -> dict:
         use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
     steps = StepTimes()
+    config = dict(run["hetermoe"])
+    if isinstance(config.get("asym_ea"), dict):  # JSON made the layer keys strings
+        config["asym_ea"] = {int(layer): count for layer, count in config["asym_ea"].items()}
     trainer = Trainer(model=model, args=args, train_dataset=data,
-                      callbacks=[HeterMoECallback(HeterMoEConfig.from_dict(run["hetermoe"])), steps])
+                      callbacks=[HeterMoECallback(HeterMoEConfig.from_dict(config)), steps])
     trainer.train()
     return {"name": run["name"], "step_ends": steps.ends, "log_history": trainer.state.log_history,
             "batch_size": run["batch_size"]}

@@ -9,7 +9,11 @@ stay exact; what is measured is the schedule. Runs, side by side:
   EP      colocated: all 4 emulated GPUs run attention and hold 6 experts each (global batch split 4 ways)
   DistEP  disaggregated, R = 1
   ZP      disaggregated, R = 2 and R = 4
-Printed: iteration time, emulated tokens/s, each pool's busy fraction, and the ratios ZP/DistEP, ZP/EP.
+  ZP+Asym-EA, and ZP beside it, at a short length where expert time exceeds attention (8K by default), with
+  the experts moved per layer by Algorithm 1 (the planner's `asym_offloads`) on the same profiles
+Printed: iteration time, emulated tokens/s, each pool's busy fraction, the ratios ZP/DistEP, ZP/EP and
+ZP+Asym-EA/ZP, and for every disaggregated run the simulator's prediction for the same profiles (compute only:
+the link is set very fast, as emulation pads compute and not communication; no activation checkpointing).
 Every figure is EMULATED: a model of A40/V100 timings, not a measurement on those GPUs.
 """
 
@@ -52,6 +56,42 @@ def balanced_seq_len(batch: int, stripes: int = 2) -> int:
     return best
 
 
+def simulator_setup(seq_len: int, global_seqs: int):
+    from hf_hetermoe.planner.cluster import parse_cluster
+    from hf_hetermoe.planner.presets import resolve_model
+    from hf_hetermoe.planner.workload import Setup
+
+    cluster = parse_cluster("2xA40,2xV100", link_gbps=1e6)
+    return Setup(cluster=cluster, shape=resolve_model("D1"), seq_len=seq_len, global_batch=global_seqs,
+                 checkpointing=False)
+
+
+def predicted_s(seq_len: int, global_seqs: int, r: int, offloads: list[int] | None = None, *,
+                batched_head: bool = True) -> float:
+    """The simulator's iteration time; `batched_head` as the runtime does it (False: exact Theorem 1)."""
+    from hf_hetermoe.planner.strategies import simulate_zebra
+
+    return simulate_zebra(simulator_setup(seq_len, global_seqs), r, offloads, batched_head=batched_head).makespan
+
+
+def algorithm1_offloads(seq_len: int, global_seqs: int, r: int) -> list[int]:
+    """Algorithm 1 on one stripe's forward times (as the planner's `asym_offloads`, "paper" inputs), without its
+    GPU-memory bounds: emulated ranks hold tiny experts, as the runtime's `asym_ea: auto` sees on this host."""
+    from hf_hetermoe.planner.asym_ea import gather_and_squeeze
+
+    setup = simulator_setup(seq_len, global_seqs)
+    c, shape = setup.cluster, setup.shape
+    seqs = max(setup.microbatch_seqs(r))
+    per_expert = c.num_attention * shape.top_k * seqs * seq_len / shape.num_experts
+    share = shape.num_experts // c.num_expert
+    return gather_and_squeeze(
+        num_experts=shape.num_experts, num_layers=shape.num_layers, num_attention=c.num_attention,
+        num_expert=c.num_expert, t_attn=c.attention.device.attention_s(shape, num_seqs=seqs, seq_len=seq_len)[0],
+        t_exp_on_attention=share * c.attention.device.expert_s(shape, num_tokens=per_expert)[0],
+        t_exp_on_expert=share * c.expert.device.expert_s(shape, num_tokens=per_expert)[0],
+    )
+
+
 def launch(config: dict, runs: list[dict], base: dict, workdir: str, name: str) -> list[dict]:
     config_path = os.path.join(workdir, f"{name}.yaml")
     spec_path = os.path.join(workdir, f"{name}.json")
@@ -66,7 +106,8 @@ def launch(config: dict, runs: list[dict], base: dict, workdir: str, name: str) 
            os.path.join(HERE, "_emulated_runs.py"), spec_path]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        sys.stderr.write(result.stderr[-4000:])
+        errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+        sys.stderr.write("\n".join(errors[-10:]) + "\n" + result.stderr[-2000:])
         raise SystemExit(f"benchmark launch {name} failed ({result.returncode})")
     with open(spec["output"] + ".json") as fh:
         return json.load(fh)
@@ -92,31 +133,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", default="auto", help="emulated tokens per sequence, or auto (balanced)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8, help="sequences per attention rank per step")
+    parser.add_argument("--short-seq-len", type=int, default=8192, help="emulated length for ZP vs ZP+Asym-EA")
+    parser.add_argument("--short-batch", type=int, default=32,
+                        help="sequences per attention rank at the short length (long tasks keep this host's "
+                             "per-exchange overhead small against the emulated times)")
     ns = parser.parse_args(argv)
     seq_len = balanced_seq_len(ns.batch) if ns.seq_len == "auto" else int(ns.seq_len)
-    emulation = {"devices": DEVICES, "model": "D1", "seq_len": seq_len}
-    base = {"model": MODEL, "seq_len": REAL_SEQ_LEN, "steps": ns.steps}
+    short = ns.short_seq_len
     global_seqs = 2 * ns.batch
-    print(f"EMULATED devices {DEVICES} (ranks 0-3), D1 costs at {seq_len} tokens per sequence, "
-          f"global batch {global_seqs} sequences, {ns.steps} steps per run", flush=True)
+    emulation = {"devices": DEVICES, "model": "D1", "seq_len": seq_len}
+    short_emulation = dict(emulation, seq_len=short)
+    short_seqs = 2 * ns.short_batch
+    offloads = algorithm1_offloads(short, short_seqs, 2)
+    asym = {layer: o for layer, o in enumerate(offloads) if o} or "off"
+    base = {"model": MODEL, "seq_len": REAL_SEQ_LEN, "steps": ns.steps}
+    print(f"EMULATED devices {DEVICES} (ranks 0-3), D1 costs, {ns.steps} steps per run; balanced length {seq_len} "
+          f"with {global_seqs} sequences per step; short length {short} with {short_seqs}; Algorithm 1 at {short}: "
+          f"{asym}", flush=True)
+    disaggregated = {"attention_ranks": [0, 1], "emulation": emulation}
+    runs = [  # (name, R, emulated length, asym_ea, sequences per attention rank)
+        ("DistEP", 1, seq_len, "off", ns.batch), ("ZP R=2", 2, seq_len, "off", ns.batch),
+        ("ZP R=4", 4, seq_len, "off", ns.batch),
+        (f"ZP R=2 @{short}", 2, short, "off", ns.short_batch),
+        (f"ZP+Asym-EA R=2 @{short}", 2, short, asym, ns.short_batch),
+    ]
     with tempfile.TemporaryDirectory() as workdir:
         ep = launch({"mode": "colocated", "emulation": emulation},
                     [{"name": "EP", "batch_size": ns.batch // 2, "hetermoe": {"mode": "colocated", "emulation": emulation}}],
                     dict(base, attention_ranks=4), workdir, "ep")
-        disaggregated = {"attention_ranks": [0, 1], "emulation": emulation}
-        runs = [{"name": name, "batch_size": ns.batch,
-                 "hetermoe": dict(disaggregated, zebra={"microbatches": r})} for name, r in
-                (("DistEP", 1), ("ZP R=2", 2), ("ZP R=4", 4))]
-        others = launch(disaggregated, runs, dict(base, attention_ranks=2), workdir, "zp")
-    rows = {r["name"]: summarise(r, global_seqs, seq_len) for r in ep + others}
-    print(f"\n{'EMULATED':<8} {'iter (s)':>9} {'tokens/s':>10} {'attn busy':>10} {'expert busy':>12}")
+        specs = [{"name": name, "batch_size": batch,
+                  "hetermoe": dict(disaggregated, zebra={"microbatches": r}, asym_ea=a,
+                                   emulation=dict(emulation, seq_len=length))} for name, r, length, a, batch in runs]
+        others = launch(disaggregated, specs, dict(base, attention_ranks=2), workdir, "zp")
+    rows = {r["name"]: summarise(r, global_seqs, seq_len) for r in ep + others[:3]}
+    rows.update({r["name"]: summarise(r, short_seqs, short) for r in others[3:]})
+    predicted = {name: predicted_s(length, 2 * batch, r, offloads if a != "off" else None)
+                 for name, r, length, a, batch in runs}
+    theorem1 = {name: predicted_s(length, 2 * batch, r, offloads if a != "off" else None, batched_head=False)
+                for name, r, length, a, batch in runs}
+    print(f"\n{'EMULATED':<24} {'iter (s)':>9} {'simulated':>10} {'tokens/s':>10} {'attn busy':>10} {'expert busy':>12}")
     for name, row in rows.items():
         fmt = lambda v: f"{v:.0%}" if v is not None else "-"  # noqa: E731
-        print(f"{name:<8} {row['iteration_s']:>9.3f} {row['tokens_per_s']:>10.0f} {fmt(row['attention_busy']):>10} "
-              f"{fmt(row['expert_busy']):>12}")
-    best = min((n for n in rows if n.startswith("ZP")), key=lambda n: rows[n]["iteration_s"])
-    print(f"\nEMULATED ratios ({best}): ZP/DistEP {rows['DistEP']['iteration_s'] / rows[best]['iteration_s']:.2f}x, "
+        sim = f"{predicted[name]:.3f}" if name in predicted else "-"
+        print(f"{name:<24} {row['iteration_s']:>9.3f} {sim:>10} {row['tokens_per_s']:>10.0f} "
+              f"{fmt(row['attention_busy']):>10} {fmt(row['expert_busy']):>12}")
+    best = min(("ZP R=2", "ZP R=4"), key=lambda n: rows[n]["iteration_s"])
+    print(f"\nEMULATED ratios at {seq_len} ({best}): ZP/DistEP "
+          f"{rows['DistEP']['iteration_s'] / rows[best]['iteration_s']:.2f}x, "
           f"ZP/EP {rows['EP']['iteration_s'] / rows[best]['iteration_s']:.2f}x (throughput)")
+    zp, asym_row = rows[f"ZP R=2 @{short}"], rows[f"ZP+Asym-EA R=2 @{short}"]
+    print(f"EMULATED ratio at {short}: ZP+Asym-EA/ZP {zp['iteration_s'] / asym_row['iteration_s']:.2f}x (throughput)")
+    for name in predicted:
+        print(f"measured / simulated, {name}: {rows[name]['iteration_s'] / predicted[name]:.2f} "
+              f"(simulated cost of the batched head vs exact Theorem 1: {predicted[name] / theorem1[name]:.3f}x)")
     return 0
 
 

@@ -61,11 +61,13 @@ class ZebraCosts:
             assert len(rows) == stages - 1 and all(len(row) == r for row in rows), f"{name} must be (L-1) x R"
 
 
-def build_zebra(c: ZebraCosts) -> TaskGraph:
+def build_zebra(c: ZebraCosts, *, batched_head: bool = False) -> TaskGraph:
     """The Theorem-1 schedule (with Asym-EA's attention-side experts after each layer's attention).
 
     Compute tasks are created in Theorem-1 order per group, which `TaskGraph.add` records as the stream order;
-    a test may replace `graph.orders` with any other order.
+    a test may replace `graph.orders` with any other order. `batched_head=True` is the runtime's variant
+    (hf_hetermoe/zebra.py): the stock Trainer computes one loss per micro-batch, so the top stage's forwards
+    of all micro-batches come first, then its backwards, and no output gradient leaves before the last one.
     """
     L, R = c.num_stages, c.num_microbatches
     g = TaskGraph()
@@ -96,7 +98,18 @@ def build_zebra(c: ZebraCosts) -> TaskGraph:
             deps = (ef[j],) + ((xf[j],) if xf else ())
             cf[(l, j)] = g.add(name=f"C^F[{l},{j}]", kind="combine_f", stream=COMBINE, groups=both,
                                loads=c.combine[l - 1][j - 1], deps=deps, layer=l, microbatch=j)
-    for j in range(1, R + 1):  # the top: forward and backward of each micro-batch alternate
+    if batched_head:
+        for j in range(1, R + 1):
+            af[(L, j)] = g.add(name=f"A^F[{L},{j}]", kind="head_f", stream=COMPUTE, groups=(ATTN,),
+                               duration=c.attn_f[L - 1][j - 1], deps=(cf[(L - 1, j)],), layer=L, microbatch=j)
+        for j in range(1, R + 1):
+            ab[(L, j)] = g.add(name=f"A^B[{L},{j}]", kind="head_b", stream=COMPUTE, groups=(ATTN,),
+                               duration=c.attn_b[L - 1][j - 1], deps=(af[(L, R)],), layer=L, microbatch=j)
+        for j in range(1, R + 1):
+            cb[(L - 1, j)] = g.add(name=f"C^B[{L - 1},{j}]", kind="combine_b", stream=COMBINE, groups=both,
+                                   loads=reverse(c.combine[L - 2][j - 1]), deps=(ab[(L, R)],), layer=L - 1,
+                                   microbatch=j)
+    for j in range(1, R + 1) if not batched_head else ():  # the top: forward and backward of each alternate
         af[(L, j)] = g.add(name=f"A^F[{L},{j}]", kind="head_f", stream=COMPUTE, groups=(ATTN,),
                            duration=c.attn_f[L - 1][j - 1], deps=(cf[(L - 1, j)],), layer=L, microbatch=j)
         ab[(L, j)] = g.add(name=f"A^B[{L},{j}]", kind="head_b", stream=COMPUTE, groups=(ATTN,),

@@ -56,9 +56,11 @@ def _summarise(strategy: str, setup: Setup, sim: SimResult, r: int, offloads=())
     )
 
 
-def simulate_zebra(setup: Setup, r: int, offloads: list[int] | None = None) -> SimResult:
+def simulate_zebra(setup: Setup, r: int, offloads: list[int] | None = None, *, batched_head: bool = False) -> SimResult:
+    """`batched_head`: the hf_hetermoe runtime's variant of Theorem 1 (see schedules.build_zebra)."""
     c = setup.cluster
-    return simulate(build_zebra(zebra_costs(setup, r, offloads)), _groups(c), latency_s=c.latency_s)
+    return simulate(build_zebra(zebra_costs(setup, r, offloads), batched_head=batched_head), _groups(c),
+                    latency_s=c.latency_s)
 
 
 def run_ep(setup: Setup) -> StrategyResult:
