@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,33 @@ def load_expert_optimizer(engine: Any, checkpoint_dir: str) -> bool:
         )
         return False
     needs_file = engine.groups.is_leader or engine.shard is not None
+    if needs_file:
+        check_expert_optimizer_file(path)
     state = load_file(path) if needs_file else {}
     engine.load_optimizer_state(state)
     return True
+
+
+def check_expert_optimizer_file(path: str) -> dict[str, str]:
+    """Read the file's metadata: refuse a file that is not ours, warn when another hf-hetermoe version wrote it."""
+    try:
+        with safe_open(path, "pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(
+            f"hetermoe: {path} is not a readable safetensors file ({exc}). Resume from a complete checkpoint "
+            "(checkpoints are written atomically; an older folder may hold a good one)."
+        ) from None
+    if metadata.get("format") != EXPERT_OPTIMIZER_FORMAT:
+        raise ValueError(
+            f"hetermoe: {path} has format {metadata.get('format')!r}, not {EXPERT_OPTIMIZER_FORMAT!r}. Resume from "
+            "a checkpoint written by hf-hetermoe."
+        )
+    saved, running = metadata.get("hf_hetermoe_version"), _version()
+    if saved != running:
+        logger.warning(
+            "hetermoe: %s was written by hf-hetermoe %s and is loaded by hf-hetermoe %s; the expert optimizer state "
+            "format is the same (%s), but check the release notes if the resumed run behaves differently.",
+            path, saved or "an unknown version", running, EXPERT_OPTIMIZER_FORMAT,
+        )
+    return metadata

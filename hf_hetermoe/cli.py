@@ -63,8 +63,10 @@ def cmd_launch(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
 
     from .config import HeterMoEConfig
+    from .versions import UnsupportedVersionError, check_versions
 
     try:
+        check_versions()
         config = HeterMoEConfig.from_yaml(ns.config)
         if ns.num_processes < 2:
             raise ValueError(
@@ -75,7 +77,7 @@ def cmd_launch(argv: list[str]) -> int:
             config.resolve_topology(ns.num_processes)
         if not os.path.isfile(ns.script):
             raise ValueError(f"hetermoe launch: training script {ns.script!r} does not exist.")
-    except ValueError as exc:
+    except (ValueError, UnsupportedVersionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     cmd, env = launch_command(ns.config, ns.num_processes, ns.script, ns.script_args, ns.main_process_port)

@@ -14,12 +14,14 @@ Backward : output-grad rows all-to-all (dispatch) -> expert backward -> input-gr
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import health
 from .groups import HeterMoEGroups
 from .placement import ExpertPlacement
 
@@ -47,10 +49,9 @@ class ExchangePlan:
 
 def wait(work: Any, what: str, rank: int) -> None:
     """Wait for a collective and name the operation if it fails (dead peer, timeout)."""
-    try:
-        work.wait()
-    except RuntimeError as exc:
-        raise RuntimeError(f"hetermoe: rank {rank} failed waiting for {what}: {exc}") from exc
+    # (issue 6) health.wait marks the wait (so a rank stopped by its launcher can say what it waited for) and,
+    # on failure, adds which peers stopped: dead, frozen, silent or failed, with their pids.
+    health.wait(work, what, rank)
 
 
 def alltoall(group: Any, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], what: str, rank: int) -> torch.Tensor:
@@ -80,6 +81,9 @@ class ExpertExchanger:
         self.local_of = {
             layer: [placement.local_experts(r, layer) for r in range(self.world)] for layer in placement.layers
         }
+        # Expert servers send results without waiting (their buffers stay referenced here until gloo reports the
+        # send complete), so they take the next stripe's rows while the previous results are still in flight.
+        self._sends_in_flight: list[tuple[Any, str, torch.Tensor]] = []
 
     # ---- counts -----------------------------------------------------------------------------------------
     def plan(self, layer: int, counts_E: torch.Tensor | None, row_dtype: torch.dtype) -> ExchangePlan:
@@ -124,18 +128,47 @@ class ExpertExchanger:
         self, key: ExchangeKey, x_PH: torch.Tensor | None, counts_E: torch.Tensor | None, *, keep: bool,
         autocast_dtype: torch.dtype | None, row_dtype: torch.dtype, seq_len: int = 1,
     ) -> tuple[torch.Tensor | None, ExchangePlan]:
+        timeline = getattr(self.shard, "timeline", None)
+        start = time.perf_counter()
         plan = self.plan(key.layer, counts_E, row_dtype)
         x_PH = self._rows(x_PH, row_dtype)
         x_RH = alltoall(self.groups.dispatch, x_PH, plan.send_splits, plan.recv_splits,
                         f"the dispatch of layer {key.layer} (forward)", self.rank)
+        if timeline is not None:
+            timeline.record("D", "F", key.layer, key.stripe, start)
         if plan.recv_local_expert_R is not None:
             y_RH = self.shard.forward(key, x_RH, plan.recv_local_expert_R, keep=keep, autocast_dtype=autocast_dtype,
                                       seq_len=seq_len)
         else:
             y_RH = x_RH  # nothing held here: empty
-        y_PH = alltoall(self.groups.combine, y_RH.to(row_dtype), plan.recv_splits, plan.send_splits,
-                        f"the combine of layer {key.layer} (forward)", self.rank)
-        return (y_PH if self.is_attention else None), plan
+        start = time.perf_counter()
+        what = f"the combine of layer {key.layer} (forward)"
+        if not self.is_attention:
+            self._send_without_waiting(y_RH.to(row_dtype), plan, what)
+            return None, plan
+        y_PH = alltoall(self.groups.combine, y_RH.to(row_dtype), plan.recv_splits, plan.send_splits, what, self.rank)
+        if timeline is not None:
+            timeline.record("C", "F", key.layer, key.stripe, start)
+        return y_PH, plan
+
+    def _send_without_waiting(self, send: torch.Tensor, plan: ExchangePlan, what: str) -> None:
+        """Expert server: issue the combine (it only sends) and keep its buffer until complete."""
+        still = []
+        for work, name, tensor in self._sends_in_flight:
+            if work.is_completed():
+                wait(work, name, self.rank)  # surfaces a failed send
+            else:
+                still.append((work, name, tensor))
+        recv = send.new_empty((0, *send.shape[1:]))
+        work = self.groups.combine.alltoall_base(recv, send.contiguous(), plan.send_splits, plan.recv_splits,
+                                                 dist.AllToAllOptions())
+        self._sends_in_flight = still + [(work, what, send)]
+
+    def flush(self) -> None:
+        """Wait for every send still in flight (before the server answers anything else)."""
+        for work, name, _ in self._sends_in_flight:
+            wait(work, name, self.rank)
+        self._sends_in_flight.clear()
 
     def backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor | None) -> torch.Tensor | None:
         dy_PH = self._rows(dy_PH, plan.row_dtype)
@@ -145,9 +178,12 @@ class ExpertExchanger:
             dx_RH = self.shard.backward(key, dy_RH)
         else:
             dx_RH = dy_RH
-        dx_PH = alltoall(self.groups.combine, dx_RH.to(plan.row_dtype), plan.recv_splits, plan.send_splits,
-                         f"the combine of layer {key.layer} (backward)", self.rank)
-        return dx_PH if self.is_attention else None
+        what = f"the combine of layer {key.layer} (backward)"
+        if not self.is_attention:
+            self._send_without_waiting(dx_RH.to(plan.row_dtype), plan, what)
+            return None
+        return alltoall(self.groups.combine, dx_RH.to(plan.row_dtype), plan.recv_splits, plan.send_splits, what,
+                        self.rank)
 
 
 # ---- asynchronous exchanges (zebra) --------------------------------------------------------------------------

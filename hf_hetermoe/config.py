@@ -8,6 +8,7 @@ A config file looks like::
     zebra: {microbatches: 2}     # R: stripes per micro-batch (default 2 disaggregated, 1 colocated)
     asym_ea: off                 # off | auto | {layer: experts moved per expert rank}
     timeout_s: 300               # how long a data-path collective may wait before it fails
+    check_finite: true           # report NaN/inf in expert outputs and gradients (layer, expert, rank)
 
 Every mistake is a `ValueError` that names the field and says how to fix it. Validation happens in three
 stages, each as early as the facts it needs are known, and always before any process group waits:
@@ -18,7 +19,10 @@ stages, each as early as the facts it needs are known, and always before any pro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import reprlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,25 +31,56 @@ import yaml
 from .emulation import EmulationConfig
 
 MODES = ("disaggregated", "colocated")
+# Larger worlds are refused rather than resolved: a topology holds every rank, so an absurd WORLD_SIZE or
+# --num-processes (a typo such as 40000000) would otherwise spend minutes building tuples before failing.
+MAX_WORLD_SIZE = 1 << 16
+# The control group waits up to 7 days (groups.CONTROL_TIMEOUT); a data-path timeout beyond that is a typo, and
+# an infinite one would overflow the backends' timedelta.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+# Error messages quote what the user wrote, but never all of it: a YAML alias can make a value recursive or
+# exponentially large when printed.
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 8
+_short.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    try:
+        return _short.repr(value)
+    except Exception:  # a value whose repr fails is still a mistake to report, not a crash
+        return f"<{type(value).__name__}>"
 
 
 def _fail(field_name: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"hetermoe config: `{field_name}` {problem}. {fix}")
 
 
+def _sorted_keys(keys: Any) -> list[str]:
+    # YAML keys may be of any type (1, null, [a]); sort their text so a mixed set cannot raise TypeError.
+    return sorted(_show(k) if not isinstance(k, str) else k for k in keys)
+
+
 def _as_rank_list(field_name: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
-        raise _fail(field_name, f"must be a list of global ranks, got {value!r}", f"Write e.g. `{field_name}: [0, 1]`.")
+        raise _fail(field_name, f"must be a list of global ranks, got {_show(value)}", f"Write e.g. `{field_name}: [0, 1]`.")
+    if len(value) > MAX_WORLD_SIZE:
+        raise _fail(field_name, f"lists {len(value)} ranks, more than the largest supported world ({MAX_WORLD_SIZE})",
+                    "List the ranks of one job.")
     ranks = []
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int):
-            raise _fail(field_name, f"holds {item!r}, which is not an integer rank", "List integer ranks only.")
+            raise _fail(field_name, f"holds {_show(item)}, which is not an integer rank", "List integer ranks only.")
         if item < 0:
             raise _fail(field_name, f"holds the negative rank {item}", "Ranks count from 0.")
+        if item >= MAX_WORLD_SIZE:
+            raise _fail(field_name, f"holds rank {_show(item)}, beyond the largest supported world ({MAX_WORLD_SIZE})",
+                        "List ranks of the launched processes (0 .. world size - 1).")
         ranks.append(item)
     if len(set(ranks)) != len(ranks):
-        dup = sorted({r for r in ranks if ranks.count(r) > 1})
-        raise _fail(field_name, f"lists rank(s) {dup} more than once", "List each rank once.")
+        dup = sorted(r for r, n in Counter(ranks).items() if n > 1)
+        raise _fail(field_name, f"lists rank(s) {_show(dup)} more than once", "List each rank once.")
     if not ranks:
         raise _fail(field_name, "is empty", "List at least one rank, or leave the field out.")
     return tuple(sorted(ranks))
@@ -63,6 +98,16 @@ class ZebraConfig:
     microbatches: int | None = None
     expert_recompute: bool = False
 
+    def __post_init__(self) -> None:
+        # Checked here too, so `ZebraConfig(microbatches=-1)` passed by keyword fails like the same YAML.
+        r = self.microbatches
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1 or r > 1024):
+            raise _fail("zebra.microbatches", f"must be an integer from 1 to 1024, got {_show(r)}",
+                        "Use 1 (no zebra), 2 or 4.")
+        if not isinstance(self.expert_recompute, bool):
+            raise _fail("zebra.expert_recompute", f"must be true or false, got {_show(self.expert_recompute)}",
+                        "Use true or false.")
+
     def stripes(self, mode: str) -> int:
         if self.microbatches is not None:
             return self.microbatches
@@ -73,17 +118,11 @@ class ZebraConfig:
         if data is None:
             return cls()
         if not isinstance(data, dict):
-            raise _fail("zebra", f"must be a mapping, got {data!r}", "Write e.g. `zebra: {microbatches: 2}`.")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+            raise _fail("zebra", f"must be a mapping, got {_show(data)}", "Write e.g. `zebra: {microbatches: 2}`.")
+        unknown = _sorted_keys(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise _fail("zebra", f"has unknown key(s) {unknown}", "Known keys: microbatches, expert_recompute.")
-        r = data.get("microbatches")
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise _fail("zebra.microbatches", f"must be an integer >= 1, got {r!r}", "Use 1 (no zebra), 2 or 4.")
-        recompute = data.get("expert_recompute", False)
-        if not isinstance(recompute, bool):
-            raise _fail("zebra.expert_recompute", f"must be true or false, got {recompute!r}", "Use true or false.")
-        return cls(microbatches=r, expert_recompute=recompute)
+        return cls(microbatches=data.get("microbatches"), expert_recompute=data.get("expert_recompute", False))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +169,8 @@ class HeterMoEConfig:
     asym_ea: str | dict[int, int] = "off"
     timeout_s: float = 300.0
     emulation: EmulationConfig | None = None  # device emulation for CPU benchmarks (see emulation.py)
+    # Count NaN/inf in expert outputs and gradients and report them with layer, expert and rank (numerics.py).
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         # Keyword construction is validated and normalised exactly like a file, so both accept the same configs.
@@ -147,26 +188,42 @@ class HeterMoEConfig:
                 f"hetermoe config: the file must hold a mapping of settings, got {type(data).__name__}. "
                 "Write e.g. `mode: colocated` or `attention_ranks: [0, 1]`."
             )
-        unknown = sorted(set(map(str, data)) - {f.name for f in dataclasses.fields(cls)})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = _sorted_keys(k for k in data if not (isinstance(k, str) and k in known))
         if unknown:
-            raise ValueError(f"hetermoe config: unknown key(s) {unknown}. Known keys: {sorted(f.name for f in dataclasses.fields(cls))}.")
+            raise ValueError(f"hetermoe config: unknown key(s) {unknown}. Known keys: {sorted(known)}.")
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "HeterMoEConfig":
-        path = os.fspath(path)
+        try:
+            path = os.fspath(path)
+        except TypeError:
+            raise ValueError(f"hetermoe config: the config path must be a file path, got {_show(path)}.") from None
         if not os.path.isfile(path):
             raise ValueError(f"hetermoe config: no file at {path!r}. Pass the path of a hetermoe YAML config.")
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
         try:
-            data = yaml.safe_load(text)
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"hetermoe config: cannot read {path} ({exc}). Pass a readable UTF-8 YAML file.") from None
+        return cls.from_yaml_text(text, source=path)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, *, source: str = "<text>") -> "HeterMoEConfig":
+        """Parse YAML text (strict: duplicate keys are an error) and validate it like `from_dict`."""
+        try:
+            data = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as exc:
-            raise ValueError(f"hetermoe config: {path} is not valid YAML ({exc}). Fix the syntax.") from None
+            raise ValueError(f"hetermoe config: {source} is not valid YAML ({_first_lines(exc)}). Fix the syntax.") from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # PyYAML lets some constructor errors through as they are (e.g. the date 2001-02-30, nesting too deep).
+            raise ValueError(f"hetermoe config: {source} is not valid YAML ({type(exc).__name__}: "
+                             f"{_first_lines(exc)}). Fix the value.") from None
         try:
             return cls.from_dict(data)
         except ValueError as exc:
-            raise ValueError(f"{exc} (in {path})") from None
+            raise ValueError(f"{exc} (in {source})") from None
 
     def to_dict(self) -> dict[str, Any]:
         att = self.attention_ranks
@@ -179,6 +236,7 @@ class HeterMoEConfig:
             "asym_ea": dict(self.asym_ea) if isinstance(self.asym_ea, dict) else self.asym_ea,
             "timeout_s": self.timeout_s,
             "emulation": self.emulation.to_dict() if self.emulation is not None else None,
+            "check_finite": self.check_finite,
         }
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
@@ -193,7 +251,7 @@ class HeterMoEConfig:
     @staticmethod
     def _validate_fields(data: dict[str, Any]) -> dict[str, Any]:
         known = {f.name for f in dataclasses.fields(HeterMoEConfig)}
-        unknown = sorted(set(map(str, data)) - known)
+        unknown = _sorted_keys(k for k in data if not (isinstance(k, str) and k in known))
         if unknown:
             raise ValueError(
                 f"hetermoe config: unknown key(s) {unknown}. Known keys: {sorted(known)}."
@@ -201,15 +259,15 @@ class HeterMoEConfig:
         out: dict[str, Any] = {}
 
         mode = data.get("mode", "disaggregated")
-        if mode not in MODES:
-            raise _fail("mode", f"is {mode!r}", f"Use one of {list(MODES)}.")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise _fail("mode", f"is {_show(mode)}", f"Use one of {list(MODES)}.")
         out["mode"] = mode
 
         att = data.get("attention_ranks")
+        if isinstance(att, str) and att != "auto":
+            raise _fail("attention_ranks", f"is {_show(att)}", 'Use a list of ranks, e.g. [0, 1], or "auto".')
         if att is not None and att != "auto":
             att = _as_rank_list("attention_ranks", att)
-        elif isinstance(att, str) and att != "auto":
-            raise _fail("attention_ranks", f"is {att!r}", 'Use a list of ranks or "auto".')
         out["attention_ranks"] = att
 
         exp = data.get("expert_ranks")
@@ -228,26 +286,39 @@ class HeterMoEConfig:
             both = sorted(set(att) & set(exp))
             if both:
                 raise _fail(
-                    "expert_ranks", f"overlaps attention_ranks on rank(s) {both}",
-                    "A rank is either an attention rank or an expert rank in disaggregated mode.",
+                    "expert_ranks", f"overlaps attention_ranks on rank(s) {_show(both)}",
+                    "List each rank once: it is an attention rank or an expert rank in disaggregated mode.",
                 )
 
         zebra = data.get("zebra")
         out["zebra"] = zebra = zebra if isinstance(zebra, ZebraConfig) else ZebraConfig.from_dict(zebra)
+        if mode == "colocated" and zebra.expert_recompute:
+            raise _fail("zebra.expert_recompute", "is true in colocated mode, which has no expert servers to recompute on",
+                        "Remove it, or use `mode: disaggregated`.")
         if mode == "colocated" and (zebra.microbatches or 1) > 1:
             raise _fail(
                 "zebra.microbatches", f"is {zebra.microbatches} in colocated mode; zebra parallelism overlaps attention "
                 "ranks with separate expert ranks", "Use `mode: disaggregated` with expert ranks, or microbatches 1.",
             )
 
-        out["asym_ea"] = _validate_asym_ea(data.get("asym_ea", "off"))
+        out["asym_ea"] = asym = _validate_asym_ea(data.get("asym_ea", "off"))
+        if mode == "colocated" and asym != "off":
+            raise _fail("asym_ea", "moves experts from expert ranks to attention ranks, and colocated mode has no "
+                        "expert ranks", "Use `asym_ea: off` with `mode: colocated`, or `mode: disaggregated`.")
 
         timeout = data.get("timeout_s", 300.0)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise _fail("timeout_s", f"must be a positive number of seconds, got {timeout!r}", "Use e.g. 300.")
+        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
+                or not 0 < timeout <= MAX_TIMEOUT_S):
+            raise _fail("timeout_s", f"must be a number of seconds in (0, {MAX_TIMEOUT_S:.0f}], got {_show(timeout)}",
+                        "Use e.g. 300.")
         out["timeout_s"] = float(timeout)
         emulation = data.get("emulation")
         out["emulation"] = emulation if isinstance(emulation, EmulationConfig) else EmulationConfig.from_dict(emulation)
+        check_finite = data.get("check_finite", True)
+        if not isinstance(check_finite, bool):
+            raise _fail("check_finite", f"must be true or false, got {_show(check_finite)}",
+                        "Use true (report NaN/inf in expert outputs and gradients) or false.")
+        out["check_finite"] = check_finite
         return out
 
     # ---- stage 2: plus the world size ---------------------------------------------------------------
@@ -263,14 +334,29 @@ class HeterMoEConfig:
         `attention_ranks: auto`, which picks the ranks on the newest devices.
         """
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"hetermoe: world size must be a positive integer, got {world_size!r}.")
+            raise ValueError(
+                f"hetermoe: the world size (WORLD_SIZE, --num-processes) must be a positive integer, got "
+                f"{_show(world_size)}. Launch with `hetermoe launch --num-processes N`."
+            )
+        if world_size > MAX_WORLD_SIZE:
+            raise ValueError(
+                f"hetermoe: the world size (WORLD_SIZE, --num-processes) is {world_size}, more than the largest "
+                f"supported ({MAX_WORLD_SIZE}). Check the number of processes."
+            )
         if self.emulation is not None:
             self.emulation.check_world(world_size)
+        if device_capabilities is not None and (
+            not isinstance(device_capabilities, (list, tuple)) or len(device_capabilities) != world_size
+        ):
+            raise ValueError(
+                f"hetermoe: {_show(device_capabilities)} does not give one device generation per rank of the world "
+                f"of {world_size}. Every rank reports its device; list `attention_ranks` explicitly to skip this."
+            )
         if self.mode == "colocated":
             if self.attention_ranks not in (None, "auto"):
                 if tuple(self.attention_ranks) != tuple(range(world_size)):
                     raise _fail(
-                        "attention_ranks", f"is {list(self.attention_ranks)} but colocated mode uses every rank "
+                        "attention_ranks", f"is {_show(list(self.attention_ranks))} but colocated mode uses every rank "
                         f"of the world of {world_size}", "Leave `attention_ranks` out in colocated mode.",
                     )
             ranks = tuple(range(world_size))
@@ -286,7 +372,7 @@ class HeterMoEConfig:
             bad = [r for r in ranks if r >= world_size]
             if bad:
                 raise _fail(
-                    name, f"lists rank(s) {bad}, outside the world of {world_size} processes (ranks 0..{world_size - 1})",
+                    name, f"lists rank(s) {_show(bad)}, outside the world of {world_size} processes (ranks 0..{world_size - 1})",
                     "Launch more processes or list ranks that exist.",
                 )
         exp = self.expert_ranks if self.expert_ranks is not None else tuple(r for r in range(world_size) if r not in att)
@@ -299,8 +385,8 @@ class HeterMoEConfig:
         if len(covered) != world_size:
             missing = sorted(set(range(world_size)) - covered)
             raise ValueError(
-                f"hetermoe config: attention_ranks {list(att)} and expert_ranks {list(exp)} cover "
-                f"{len(covered)} ranks but {world_size} processes were launched (rank(s) {missing} have no role). "
+                f"hetermoe config: `attention_ranks` {_show(list(att))} and `expert_ranks` {_show(list(exp))} cover "
+                f"{len(covered)} ranks but {world_size} processes were launched (rank(s) {_show(missing)} have no role). "
                 f"Launch {len(covered)} processes or give every rank a role."
             )
         return Topology(world_size=world_size, mode="disaggregated", attention_ranks=tuple(att), expert_ranks=tuple(exp))
@@ -308,51 +394,118 @@ class HeterMoEConfig:
     # ---- stage 3: plus the model --------------------------------------------------------------------
     def check_model(self, model_config: Any, topology: Topology) -> None:
         """Check that this model can be split over `topology` (supported family, divisible experts, ...)."""
-        from model_patches import get_family  # local import: model_patches imports transformers
+        from model_patches import get_family, supported_model_types  # local import: imports transformers
 
-        family = get_family(getattr(model_config, "model_type", None))
-        num_experts = family.num_experts(model_config)
+        model_type = getattr(model_config, "model_type", None)
+        if not isinstance(model_type, str) or not model_type:
+            raise ValueError(
+                f"hetermoe: the model config has no model family (model_type {_show(model_type)}). Pass a transformers "
+                f"config of a supported family: {supported_model_types()}."
+            )
+        family = get_family(model_type)
+        try:
+            num_experts = family.num_experts(model_config)
+            moe_layers = tuple(family.moe_layers(model_config))
+        except (AttributeError, TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as exc:
+            raise ValueError(
+                f"hetermoe: the {model_type} model config does not describe its experts ({type(exc).__name__}: "
+                f"{_first_lines(exc)}). Build it with transformers' {model_type} config class (e.g. "
+                f"AutoConfig.for_model({model_type!r}, ...))."
+            ) from None
+        if num_experts < 1:
+            raise ValueError(
+                f"hetermoe: the {model_type} model config has {num_experts} routed experts per layer "
+                f"(`{family.num_experts_attr}`); Use a model with routed experts (HeterMoE places nothing otherwise)."
+            )
+        if not moe_layers:
+            raise ValueError(
+                f"hetermoe: the {model_type} model config has no layer with routed experts; HeterMoE has nothing to "
+                "place. Train it without HeterMoE."
+            )
         hosts = len(topology.host_ranks)
         if num_experts % hosts != 0:
             raise ValueError(
                 f"hetermoe: the model has {num_experts} experts per layer, which do not divide evenly over "
-                f"{hosts} expert-holding ranks ({list(topology.host_ranks)}). Use a number of expert ranks that "
+                f"{hosts} expert-holding ranks ({_show(list(topology.host_ranks))}). Use a number of expert ranks that "
                 f"divides {num_experts} (e.g. {_divisors(num_experts, hosts)})."
             )
-        moe_layers = family.moe_layers(model_config)
         if isinstance(self.asym_ea, dict):
             bad = [layer for layer in self.asym_ea if layer not in moe_layers]
             if bad:
                 raise _fail(
-                    "asym_ea", f"names layer(s) {bad}, which have no routed experts (MoE layers: {list(moe_layers)})",
-                    "Name MoE layers.",
+                    "asym_ea", f"names layer(s) {_show(bad)}, which have no routed experts (MoE layers: "
+                    f"{_show(list(moe_layers))})", "Name MoE layers.",
                 )
+            per_rank = num_experts // hosts
+            too_many = {layer: n for layer, n in self.asym_ea.items() if n > per_rank}
+            if too_many:
+                raise _fail(
+                    "asym_ea", f"moves {_show(too_many)} experts per expert rank, but each expert rank holds only "
+                    f"{per_rank} of a layer's {num_experts}", f"Move at most {per_rank} per layer.",
+                )
+        if self.asym_ea != "auto" and topology.mode == "disaggregated":
+            # Build the placement now (it is cheap), so one that does not fit (moved experts that do not split over
+            # the attention ranks, a placement file that does not match the model) fails before any group waits.
+            from .asym_ea import placement_for  # local import: asym_ea imports this module
+
+            placement_for(self, layers=moe_layers, num_experts=num_experts, topology=topology)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable key: the base class reports it as a YAML error
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {_show(key)} is written twice; keep one", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _first_lines(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _validate_asym_ea(value: Any) -> str | dict[int, int]:
     # YAML 1.1 reads a bare `off` as False.
-    if value is False or value is None or value == "off":
+    if value is False or value is None or (isinstance(value, str) and value == "off"):
         return "off"
-    if value == "auto":
+    if isinstance(value, str) and value == "auto":
         return "auto"
+    if isinstance(value, str) and value.endswith(".json"):
+        return value  # a placement file {layer: {expert: rank}} (hetermoe plan writes one); read at apply time
     if isinstance(value, dict):
         out: dict[int, int] = {}
         for layer, count in value.items():
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise _fail("asym_ea", f"has layer key {layer!r}", "Layer keys are integers >= 0.")
+                raise _fail("asym_ea", f"has layer key {_show(layer)}", "Layer keys are integers >= 0.")
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise _fail("asym_ea", f"moves {count!r} experts at layer {layer}", "Counts are integers >= 0.")
+                raise _fail("asym_ea", f"moves {_show(count)} experts at layer {layer}", "Counts are integers >= 0.")
             out[layer] = count
         return out
-    raise _fail("asym_ea", f"is {value!r}", "Use off, auto, or a mapping {layer: experts moved per expert rank}.")
+    raise _fail("asym_ea", f"is {_show(value)}",
+                "Use off, auto, a mapping {layer: experts moved per expert rank}, or a placement .json file.")
 
 
 def _auto_attention_ranks(world_size: int, caps: list[tuple[int, int]] | None) -> tuple[int, ...]:
-    if not caps or len(caps) != world_size:
+    if not caps:
         raise _fail(
             "attention_ranks", "is auto, which needs every rank's device generation, and none was given",
             "List `attention_ranks` explicitly (CPU runs always must).",
         )
+    try:
+        caps = [tuple(int(v) for v in c) for c in caps]
+    except (TypeError, ValueError):
+        raise ValueError(f"hetermoe: device generations {_show(caps)} are not (major, minor) pairs.") from None
     newest = max(caps)
     att = tuple(r for r, c in enumerate(caps) if c == newest)
     if len(att) == world_size:

@@ -8,12 +8,15 @@ self-describing tensor dicts: a JSON manifest, then each tensor's raw bytes (any
 
 from __future__ import annotations
 
+import datetime
 import enum
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import health
 
 _MAGIC = 0x4845544552  # "HETER"
 _HEADER_LEN = 16
@@ -48,6 +51,16 @@ class Command:
     payload: Any
 
 
+class _Bounded:
+    """A Work whose wait() gives up after `timeout_s` (gloo then raises "Timed out waiting")."""
+
+    def __init__(self, work: Any, timeout_s: float):
+        self.work, self.timeout = work, datetime.timedelta(seconds=timeout_s)
+
+    def wait(self) -> Any:
+        return self.work.wait(self.timeout)
+
+
 def _dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype):
@@ -66,14 +79,17 @@ class CommandChannel:
         # Commands are sent without waiting: a server busy with expert work posts its receive only when it is
         # done, and waiting for that would stall the leader's attention work (the zebra overlap). Each entry keeps
         # a send's buffer alive until gloo reports it complete.
-        self._in_flight: list[tuple[Any, torch.Tensor]] = []
+        self._in_flight: list[tuple[Any, torch.Tensor, int]] = []
 
     # ---- bytes and tensors ----------------------------------------------------------------------------
+    # Every wait is named (health.wait), so a failure says which transfer with which rank was cut.
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        self.group.send([tensor], dst, tag).wait()
+        health.wait(self.group.send([tensor], dst, tag), f"a control-channel transfer to rank {dst}", self.rank)
 
     def _recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
-        self.group.recv([tensor], src, tag).wait()
+        what = (f"the next command from the leader (rank {src})" if tag == _TAG_COMMAND
+                else f"a control-channel transfer from rank {src}")
+        health.wait(self.group.recv([tensor], src, tag), what, self.rank)
 
     def send_bytes(self, dst: int, data: bytes) -> None:
         self._send(torch.tensor([len(data)], dtype=torch.int64), dst, _TAG_BYTES)
@@ -111,14 +127,27 @@ class CommandChannel:
         return out
 
     def _post(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        self._in_flight = [(w, t) for w, t in self._in_flight if not w.is_completed()]
-        self._in_flight.append((self.group.send([tensor], dst, tag), tensor))
+        self._in_flight = [(w, t, d) for w, t, d in self._in_flight if not w.is_completed()]
+        try:
+            work = self.group.send([tensor], dst, tag)
+        except RuntimeError as exc:  # gloo posts a send at once, and refuses it on a connection already closed
+            raise RuntimeError(f"hetermoe: rank {self.rank} failed sending a command to rank {dst}: {exc}"
+                               f"{health.peer_report()}") from exc
+        self._in_flight.append((work, tensor, dst))
 
-    def flush(self) -> None:
-        """Wait until every command sent so far has left (before exiting, or before a blocking transfer)."""
-        for work, _ in self._in_flight:
-            work.wait()
-        self._in_flight.clear()
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every command sent so far has left (before exiting, or before a blocking transfer).
+
+        `timeout_s` bounds the wait (the control group's own timeout is days): used when aborting, where a dead
+        or stuck server must not keep the leader from exiting."""
+        while self._in_flight:
+            work, _, dst = self._in_flight[0]  # stays listed (its buffer alive) until it completed
+            what = f"the delivery of a command to rank {dst}"
+            if timeout_s is None:
+                health.wait(work, what, self.rank)
+            else:  # gloo raises when a bounded wait times out
+                health.wait(_Bounded(work, timeout_s), what, self.rank)
+            self._in_flight.pop(0)
 
     # ---- commands -------------------------------------------------------------------------------------
     def broadcast(self, op: Op, *, ints: tuple[int, ...] = (), floats: tuple[float, ...] = (), payload: Any = None) -> None:

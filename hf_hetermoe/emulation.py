@@ -24,11 +24,57 @@ from typing import Any
 EMULATION_LABEL = "EMULATED"
 
 
+def _show(value: Any) -> str:
+    from .config import _show as show  # config imports this module; the helper lives there
+
+    return show(value)
+
+
 @dataclass(frozen=True, kw_only=True)
 class EmulationConfig:
     devices: tuple[str, ...]
     model: str | None = None
     seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        # Validated on keyword construction too, so `EmulationConfig(devices=...)` fails like the same YAML.
+        devices = self.devices
+        if not isinstance(devices, (list, tuple)) or not devices or not all(isinstance(d, str) for d in devices):
+            raise ValueError(
+                f"hetermoe config: `emulation.devices` must list one GPU name per global rank, got {_show(devices)}. "
+                "Write e.g. `devices: [A40, A40, V100, V100]`."
+            )
+        object.__setattr__(self, "devices", tuple(devices))
+        from .planner.presets import resolve_model
+        from .planner.profiles import builtin_profile
+
+        for name in self.devices:
+            try:
+                builtin_profile(name)
+            except (KeyError, ValueError) as exc:
+                raise ValueError(
+                    f"hetermoe config: `emulation.devices` names unknown GPU {_show(name)} ({exc}). Use built-in GPU names."
+                ) from None
+        seq_len = self.seq_len
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= 1 << 24):
+            raise ValueError(
+                f"hetermoe config: `emulation.seq_len` must be an integer from 1 to {1 << 24}, got {_show(seq_len)}. "
+                "Use the emulated sequence length, e.g. 8192."
+            )
+        model = self.model
+        if model is not None:
+            if not isinstance(model, str) or not model.strip() or "\0" in model:
+                raise ValueError(
+                    f"hetermoe config: `emulation.model` must be a preset name or a config.json path, got {_show(model)}. "
+                    "Name a preset (W1, W2, D1, D2, D3) or the path of a Hugging Face config.json."
+                )
+            try:  # resolved now, before any process waits, rather than when the first rank builds its emulator
+                resolve_model(model)
+            except Exception as exc:  # a malformed config.json fails in many ways; each is the same user mistake
+                raise ValueError(
+                    f"hetermoe config: `emulation.model` {_show(model)} cannot be used ({type(exc).__name__}: {exc}). "
+                    "Name a preset (W1, W2, D1, D2, D3) or the path of a Hugging Face config.json."
+                ) from None
 
     @classmethod
     def from_dict(cls, data: Any) -> "EmulationConfig | None":
@@ -36,31 +82,14 @@ class EmulationConfig:
             return None
         if not isinstance(data, dict):
             raise ValueError(
-                f"hetermoe config: `emulation` must be a mapping, got {data!r}. Write e.g. "
+                f"hetermoe config: `emulation` must be a mapping, got {_show(data)}. Write e.g. "
                 "`emulation: {devices: [A40, A40, V100, V100]}`."
             )
-        unknown = sorted(set(data) - {"devices", "model", "seq_len"})
+        known = {"devices", "model", "seq_len"}
+        unknown = sorted(_show(k) if not isinstance(k, str) else k for k in data if not (isinstance(k, str) and k in known))
         if unknown:
             raise ValueError(f"hetermoe config: `emulation` has unknown key(s) {unknown}. Known: devices, model, seq_len.")
-        devices = data.get("devices")
-        if not isinstance(devices, (list, tuple)) or not devices or not all(isinstance(d, str) for d in devices):
-            raise ValueError(
-                "hetermoe config: `emulation.devices` must list one GPU name per global rank, e.g. [A40, A40, V100, V100]."
-            )
-        from .planner.profiles import builtin_profile
-
-        for name in devices:
-            try:
-                builtin_profile(name)
-            except (KeyError, ValueError) as exc:
-                raise ValueError(f"hetermoe config: `emulation.devices` names unknown GPU {name!r} ({exc}).") from None
-        seq_len = data.get("seq_len")
-        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-            raise ValueError(f"hetermoe config: `emulation.seq_len` must be a positive integer, got {seq_len!r}.")
-        model = data.get("model")
-        if model is not None and not isinstance(model, str):
-            raise ValueError(f"hetermoe config: `emulation.model` must be a preset name or a config.json path, got {model!r}.")
-        return cls(devices=tuple(devices), model=model, seq_len=seq_len)
+        return cls(devices=data.get("devices"), model=data.get("model"), seq_len=data.get("seq_len"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"devices": list(self.devices), "model": self.model, "seq_len": self.seq_len}
@@ -69,7 +98,7 @@ class EmulationConfig:
         if len(self.devices) != world_size:
             raise ValueError(
                 f"hetermoe config: `emulation.devices` lists {len(self.devices)} devices but {world_size} processes "
-                "run; list one emulated GPU per global rank."
+                "run. List one emulated GPU per global rank."
             )
 
 

@@ -85,6 +85,8 @@ class HeterMoEEngine:
             shard.timeline = self.timeline
             shard.emulator = self.emulator
         self.seq_len = 1  # tokens per sequence of the current forward (set by the base model's pre-hook)
+        # Routed (token, k) pairs per expert since the last log, per layer: real routing is not uniform.
+        self.expert_load = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}
         self._attention_resumed = {"F": time.perf_counter(), "B": time.perf_counter()}
         self._hook_handles: list[Any] = []
         self.buffers = ReceiveBuffers(model_config.hidden_size, groups.device)
@@ -180,6 +182,7 @@ class HeterMoEEngine:
             self.session += 1
             self._outputs.clear()
         key = ExchangeKey(session=self.session, layer=layer, stripe=0)
+        self.expert_load[layer] += counts_E
         self._attention_task("F", layer, num_tokens)
         self.command(
             Op.FORWARD,
@@ -223,6 +226,7 @@ class HeterMoEEngine:
         self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None
     ) -> tuple[PendingExchange, ExchangePlan]:
         """Send one stripe's rows to the expert servers without waiting; `wait()` on the result gives y_PH."""
+        self.expert_load[key.layer] += counts_E
         self.command(
             Op.FORWARD,
             ints=(key.layer, key.stripe, key.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype],
@@ -367,21 +371,37 @@ class HeterMoEEngine:
                 "when every attention rank takes part: call `trainer.save_model()` on all ranks (the Trainer "
                 "does this for checkpoints) or `hf_hetermoe.gather_expert_weights(model)` on all ranks first."
             )
+        pieces = self._gather_to_leader(Op.FETCH_WEIGHTS, lambda shard: shard.local_weights(),
+                                        from_attention=collective)
+        return self._assemble(pieces) if pieces is not None else None
+
+    def _gather_to_leader(self, op: Op, local, *, from_attention: bool = True) -> dict[int, dict] | None:
+        """Leader: `{holder rank: tensors}` from every expert holder (servers answer `op`; attention holders,
+        which make this call too when `from_attention`, send theirs). Elsewhere: send this rank's, return None."""
         rank, leader = self.groups.rank, self.groups.leader
         if rank != leader:
             if self.shard is not None:
-                self.channel.send_tensor_dict(leader, self.shard.local_weights())
+                self.channel.send_tensor_dict(leader, local(self.shard))
             return None
-        self.command(Op.FETCH_WEIGHTS)
+        self.command(op)
         pieces: dict[int, dict[str, torch.Tensor]] = {}
         if self.shard is not None:
-            pieces[rank] = {k: v.cpu() for k, v in self.shard.local_weights().items()}
+            pieces[rank] = {k: v.cpu() for k, v in local(self.shard).items()}
         for holder in self.placement.ranks_holding():
-            if holder != rank and (collective or holder in self.topology.expert_ranks):
+            if holder != rank and (from_attention or holder in self.topology.expert_ranks):
                 pieces[holder] = self.channel.recv_tensor_dict(holder)
-        return self._assemble(pieces, lambda key: key)
+        return pieces
 
-    def _assemble(self, pieces: dict[int, dict[str, torch.Tensor]], name_of) -> dict[int, dict[str, torch.Tensor]]:
+    def send_slices_to_servers(self, full: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Leader: send every expert server its experts' slices of full `(E, ...)` tensors."""
+        for server in self.topology.expert_ranks:
+            index = {layer: torch.tensor(self.placement.local_experts(server, layer)) for layer in full}
+            self.channel.send_tensor_dict(server, {
+                f"{layer}/{name}": tensor.index_select(0, index[layer])
+                for layer, tensors in full.items() if len(index[layer]) for name, tensor in tensors.items()
+            })
+
+    def _assemble(self, pieces: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
         full: dict[int, dict[str, torch.Tensor]] = {}
         for layer in self.placement.layers:
             for name in self.family.expert_param_names:
@@ -389,7 +409,7 @@ class HeterMoEEngine:
                 for holder, tensors in pieces.items():
                     experts = self.placement.local_experts(holder, layer)
                     if experts:
-                        parts.append((experts, tensors[name_of(f"{layer}/{name}")]))
+                        parts.append((experts, tensors[f"{layer}/{name}"]))
                 sample = parts[0][1]
                 out = sample.new_empty((self.placement.num_experts, *sample.shape[1:]))
                 for experts, tensor in parts:
@@ -401,12 +421,7 @@ class HeterMoEEngine:
         """Scatter full expert tensors: the leader sends each server its slice; holders here take theirs."""
         if self.groups.is_leader and self.has_servers:
             self.command(Op.LOAD_WEIGHTS)
-            for server in self.topology.expert_ranks:
-                index = {layer: torch.tensor(self.placement.local_experts(server, layer)) for layer in full}
-                self.channel.send_tensor_dict(server, {
-                    f"{layer}/{name}": t.index_select(0, index[layer])
-                    for layer, tensors in full.items() if len(index[layer]) for name, t in tensors.items()
-                })
+            self.send_slices_to_servers(full)
         if self.shard is not None:
             self.shard.load_local_weights(self.shard.slice_full(full))
         self.weights_version += 1
@@ -415,18 +430,9 @@ class HeterMoEEngine:
     def gather_optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """Collective over attention ranks: the experts' optimizer state as full tensors keyed by stock names
         (`<experts path>.<param>#<state>`), on the leader; None elsewhere."""
-        rank, leader = self.groups.rank, self.groups.leader
-        if rank != leader:
-            if self.shard is not None:
-                self.channel.send_tensor_dict(leader, self.shard.optimizer_state())
+        pieces = self._gather_to_leader(Op.FETCH_OPTIM, lambda shard: shard.optimizer_state())
+        if pieces is None:
             return None
-        self.command(Op.FETCH_OPTIM)
-        pieces: dict[int, dict[str, torch.Tensor]] = {}
-        if self.shard is not None:
-            pieces[rank] = {k: v.cpu() for k, v in self.shard.optimizer_state().items()}
-        for holder in self.placement.ranks_holding():
-            if holder != rank:
-                pieces[holder] = self.channel.recv_tensor_dict(holder)
         out: dict[str, torch.Tensor] = {}
         for holder, tensors in pieces.items():
             for key, value in tensors.items():
@@ -480,6 +486,7 @@ class HeterMoEEngine:
         stats = {"attention_busy": self.timeline.busy_time(since, now, kinds=("A", "H")) / window}
         if self.shard is not None:
             stats["expert_busy_here"] = self.timeline.busy_time(since, now, kinds=("E",)) / window
+        stats.update(self._load_stats())
         if self.groups.is_leader and self.has_servers:
             self.command(Op.STATS)
             busy = total = 0.0
@@ -488,6 +495,24 @@ class HeterMoEEngine:
                 busy, total = busy + server_busy, total + server_window
             stats["expert_busy"] = busy / max(total, 1e-9)
         return stats
+
+    def _load_stats(self) -> dict[str, float]:
+        """This rank's routing since the last call: worst layer's (busiest holder / mean holder) load, and the
+        busiest expert's share of its layer. Per-layer, per-rank detail goes to the debug log."""
+        worst_rank, worst_expert = 1.0, 0.0
+        for layer, load in self.expert_load.items():
+            total = int(load.sum())
+            if total == 0:
+                continue
+            per_rank = {}
+            for expert, rank in enumerate(self.placement.owner[layer]):
+                per_rank[rank] = per_rank.get(rank, 0) + int(load[expert])
+            mean = total / len(per_rank)
+            worst_rank = max(worst_rank, max(per_rank.values()) / mean)
+            worst_expert = max(worst_expert, int(load.max()) / total)
+            logger.debug("hetermoe: layer %d routed pairs per expert %s, per rank %s", layer, load.tolist(), per_rank)
+            load.zero_()
+        return {"load_imbalance": worst_rank, "busiest_expert_share": worst_expert}
 
     # ---- lifetime ---------------------------------------------------------------------------------------------
     def stop_servers(self) -> None:

@@ -17,6 +17,7 @@ from transformers import AutoConfig
 from model_patches import get_family
 
 from .comm import DTYPES, ExchangeKey, ExchangePlan, ExpertExchanger, wait
+from .config import HeterMoEConfig
 from .control import CommandChannel, Op
 from .emulation import DeviceEmulator, EmulationConfig
 from .expert_shard import ExpertShard
@@ -33,7 +34,7 @@ class ServerAborted(RuntimeError):
 
 def build_setup_payload(
     *, model_config, placement: ExpertPlacement, dtype: torch.dtype, num_replicas: int, expert_recompute: bool = False,
-    emulation: EmulationConfig | None = None,
+    emulation: EmulationConfig | None = None, check_finite: bool = True,
 ) -> dict:
     return {
         "model_type": model_config.model_type,
@@ -45,6 +46,7 @@ def build_setup_payload(
         "num_replicas": num_replicas,
         "expert_recompute": expert_recompute,
         "emulation": emulation.to_dict() if emulation is not None else None,
+        "check_finite": check_finite,
     }
 
 
@@ -70,10 +72,11 @@ def _setup_shard(groups: HeterMoEGroups, channel: CommandChannel, setup: dict) -
     return shard, exchanger
 
 
-def serve(groups: HeterMoEGroups) -> None:
+def serve(groups: HeterMoEGroups, config: HeterMoEConfig | None = None) -> None:
     """Run the expert server on this rank until the leader sends STOP.
 
-    Each SETUP (one per model the attention ranks patch) replaces the experts held here.
+    Each SETUP (one per model the attention ranks patch) replaces the experts held here. `config` is the
+    launcher's config (this rank reads the same file); the server takes `check_finite` from it.
     """
     channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader, servers=groups.topology.expert_ranks)
     shard: ExpertShard | None = None
@@ -86,13 +89,17 @@ def serve(groups: HeterMoEGroups) -> None:
         cmd = channel.receive()
         op = cmd.op
         if op == Op.STOP:
+            if exchanger is not None:
+                exchanger.flush()  # results sent without waiting must leave before the process does
             if os.environ.get("HETERMOE_TRACE"):
                 timeline.write_chrome_trace(os.environ["HETERMOE_TRACE"])
             return
-        _check_not_aborted(cmd, groups.rank)
+        _check_not_aborted(cmd, groups.rank, groups.leader)
         if op == Op.SETUP:
             shard, exchanger = _setup_shard(groups, channel, cmd.payload)
             shard.timeline = timeline
+            launcher_default = config.check_finite if config is not None else True
+            shard.check_finite = bool(cmd.payload.get("check_finite", launcher_default))
             plans.clear()
             continue
         if shard is None:
@@ -139,7 +146,8 @@ def serve(groups: HeterMoEGroups) -> None:
             raise RuntimeError(f"hetermoe: expert rank {groups.rank} got unexpected command {op.name}.")
 
 
-def _check_not_aborted(cmd, rank: int) -> None:
+def _check_not_aborted(cmd, rank: int, leader: int) -> None:
     if cmd.op == Op.ABORT:
         reason = (cmd.payload or {}).get("reason", "no reason given")
-        raise ServerAborted(f"hetermoe: expert rank {rank} stopped because the attention ranks failed: {reason}")
+        raise ServerAborted(f"hetermoe: expert rank {rank} stopped because the attention ranks failed (it was waiting "
+                            f"for the next command from the leader, rank {leader}): {reason}")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .comm import ExchangeKey
+from .numerics import FiniteMonitor
 from .placement import ExpertPlacement
 
 # Optimizer hyperparameters that are bookkeeping added by schedulers, not constructor arguments.
@@ -88,6 +89,9 @@ class ExpertShard:
         self.emulator = None  # a DeviceEmulator, set by the owner when emulating devices
         self.optimizer: torch.optim.Optimizer | None = None
         self._grads_prepared = False
+        # (issue 6) NaN/inf in expert outputs and gradients, reported per layer/expert/rank (numerics.py).
+        self.check_finite = True
+        self.finite = FiniteMonitor(rank)
 
     # ---- parameters ------------------------------------------------------------------------------------
     def named_parameters(self) -> list[tuple[int, str, nn.Parameter]]:
@@ -163,6 +167,8 @@ class ExpertShard:
         self._emulate("F", key.layer, local_expert_R, seq_len, start)
         if self.timeline is not None:
             self.timeline.record("E", "F", key.layer, key.stripe, start)
+        if self.check_finite:  # (issue 6)
+            self.finite.rows("the output", key.layer, y, local_expert_R, len(self.local[key.layer]))
         return y.detach()
 
     def backward(self, key: ExchangeKey, dy_RH: torch.Tensor) -> torch.Tensor:
@@ -179,7 +185,10 @@ class ExpertShard:
         self._emulate("B", key.layer, local_expert_R, seq_len, start)
         if self.timeline is not None:
             self.timeline.record("E", "B", key.layer, key.stripe, start)
-        return x.grad if x.grad is not None else torch.zeros_like(x)
+        dx = x.grad if x.grad is not None else torch.zeros_like(x)
+        if self.check_finite:  # (issue 6)
+            self.finite.rows("the input gradient", key.layer, dx, local_expert_R, len(self.local[key.layer]))
+        return dx
 
     def _drop_sessions_before(self, session: int) -> None:
         for stale in [k for k in self.saved if k.session < session]:
@@ -188,6 +197,7 @@ class ExpertShard:
     # ---- gradients and optimizer -------------------------------------------------------------------------
     def prepare_grads(self, unscale: float = 1.0) -> float:
         """Once per optimizer step: average over replicas (DDP semantics), unscale; return the squared norm."""
+        first_call = not self._grads_prepared
         if not self._grads_prepared:
             factor = unscale / self.num_replicas
             for p in self.parameters():
@@ -201,6 +211,8 @@ class ExpertShard:
         total = torch.zeros((), dtype=torch.float64)
         for p in self.parameters():
             total += p.grad.detach().double().pow(2).sum().cpu()
+        if self.check_finite and first_call:  # (issue 6) once per step; scans gradients only if `total` is not finite
+            self.finite.end_step(float(total), self)
         return float(total)
 
     def build_optimizer(self, class_path: str, groups: list[dict[str, Any]]) -> None:

@@ -27,9 +27,12 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from . import health
 from .config import HeterMoEConfig, Topology
 from .control import CommandChannel, Op
 from .groups import HeterMoEGroups
+from .health import HealthMonitor
+from .versions import check_versions
 
 logger = logging.getLogger("hf_hetermoe.launch")
 
@@ -43,7 +46,13 @@ def _env_int(name: str) -> int:
             f"hetermoe: environment variable {name} is not set. Start the job with `hetermoe launch --config CFG "
             "--num-processes N SCRIPT.py` (or `accelerate launch --multi_gpu ... -m hf_hetermoe.launch`)."
         )
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"hetermoe: environment variable {name} is {value!r}, not an integer. Let the launcher set it "
+            "(`hetermoe launch`, `accelerate launch` or torchrun)."
+        ) from None
 
 
 def connect_store(*, rank: int, world_size: int, timeout_s: float) -> dist.Store:
@@ -135,8 +144,36 @@ def run_script(script: str, args: list[str]) -> None:
         sys.argv = saved_argv
 
 
+def _role(topology: Topology, rank: int) -> str:
+    if not topology.is_attention(rank):
+        return "expert server"
+    index = topology.attention_index(rank)
+    return f"attention rank {index}" + (", the leader" if index == 0 and topology.expert_ranks else "")
+
+
+def _start_health(topology: Topology, rank: int, timeout_s: float) -> HealthMonitor | None:
+    """Record this rank's pid and start its heartbeat in the rendezvous store (see health.py)."""
+    if topology.world_size == 1:
+        return None
+    try:
+        monitor = HealthMonitor.connect(
+            host=os.environ.get("MASTER_ADDR", "127.0.0.1"), port=_env_int("MASTER_PORT"), rank=rank,
+            world_size=topology.world_size, role=_role(topology, rank), timeout_s=timeout_s,
+        )
+        monitor.start()
+    except Exception as exc:  # without health keys errors name fewer ranks, but the job itself is fine
+        logger.warning("hetermoe: rank %d runs without health reporting (%s).", rank, exc)
+        return None
+    monitor.install_sigterm_report()
+    return monitor
+
+
 def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None:
-    """Run this process's role in a HeterMoE job: `attention_main()` on attention ranks, the server elsewhere."""
+    """Run this process's role in a HeterMoE job: `attention_main()` on attention ranks, the server elsewhere.
+
+    Every rank records how it ends in the store; a rank that fails prints one line saying why (with the peers
+    that stopped) before its traceback, so the first error of a job is easy to find in interleaved output."""
+    check_versions()
     rank = _env_int("RANK")
     world_size = _env_int("WORLD_SIZE")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -148,11 +185,31 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
     else:
         topology = config.resolve_topology(world_size)  # ValueError here, before any group waits
         store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
+    monitor = _start_health(topology, rank, config.timeout_s)
+    try:
+        _run_role(config, attention_main, store, topology, rank, device)
+    except BaseException as exc:
+        if monitor is not None:
+            if isinstance(exc, SystemExit) and exc.code in (None, 0):
+                monitor.record_exit("ok")
+            else:
+                monitor.report_failure(exc)
+        raise
+    else:
+        if monitor is not None:
+            monitor.record_exit("ok")
+    finally:
+        if monitor is not None:
+            monitor.stop()
+
+
+def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store: dist.Store, topology: Topology,
+              rank: int, device: torch.device) -> None:
     groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=config.timeout_s, device=device)
     if not topology.is_attention(rank):
         from .expert_server import serve
 
-        serve(groups)
+        serve(groups, config=config)
         return
 
     channel = CommandChannel(groups.control, rank=rank, leader=groups.leader, servers=topology.expert_ranks)
@@ -166,11 +223,15 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
         if isinstance(exc, SystemExit) and exc.code in (None, 0):
             _stop_servers(channel, groups)
             raise
+        # Report first: the launcher may stop this rank (SIGTERM) while it tells the servers.
+        monitor = health.current()
+        line = monitor.report_failure(exc) if monitor is not None else ""
         if rank == groups.leader and topology.expert_ranks:
-            reason = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            reason = line.removeprefix("hetermoe: ") or (
+                "attention rank 0: " + "".join(traceback.format_exception_only(type(exc), exc)).strip())
             with contextlib.suppress(Exception):
-                channel.broadcast(Op.ABORT, payload={"reason": f"attention rank 0: {reason}"})
-                channel.flush()
+                channel.broadcast(Op.ABORT, payload={"reason": reason})
+                channel.flush(timeout_s=min(config.timeout_s, 30.0))  # a dead or stuck server must not hold us
         raise
     _stop_servers(channel, groups)
 
@@ -192,7 +253,27 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("HETERMOE_LOG_LEVEL", "WARNING"))
     config = HeterMoEConfig.from_yaml(ns.hetermoe_config)
-    run_rank(config, lambda: run_script(ns.script, ns.script_args))
+    try:
+        run_rank(config, lambda: run_script(ns.script, ns.script_args))
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        if not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+        _exit_now(exc.code if isinstance(exc.code, int) else 1)
+    except BaseException:
+        traceback.print_exc()
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    """Exit a failed rank at once, its failure reported: interpreter teardown would wait on, or abort in
+    ("terminate called without an active exception"), process groups whose peers are gone, for seconds,
+    while the launcher is stopping the job anyway."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .expert_server import build_setup_payload
 from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
 from .asym_ea import auto_placement_counts, check_fits, describe_offloads, placement_for
+from .versions import check_versions
 from .zebra import ZebraRunner
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     existing = get_engine(model)
     if existing is not None:
         return existing
+    check_versions()
     config = config or HeterMoEConfig(mode="colocated")
     groups = groups or default_groups(config)
     if not groups.is_attention:
@@ -156,6 +158,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             dtype=dtype, num_replicas=groups.topology.num_attention,
         )
         shard.load_local_weights(shard.slice_full(full))
+        shard.check_finite = config.check_finite
 
     engine = HeterMoEEngine(
         groups=groups, config=config, family=family, model_config=model.config, placement=placement, shard=shard,
@@ -165,14 +168,10 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         payload = build_setup_payload(
             model_config=model.config, placement=placement, dtype=dtype, num_replicas=groups.topology.num_attention,
             expert_recompute=config.zebra.expert_recompute, emulation=config.emulation,
+            check_finite=config.check_finite,
         )
         engine.command(Op.SETUP, payload=payload)
-        for server in groups.topology.expert_ranks:
-            index = {layer: torch.tensor(placement.local_experts(server, layer)) for layer in full}
-            engine.channel.send_tensor_dict(server, {
-                f"{layer}/{name}": tensor.index_select(0, index[layer])
-                for layer, tensors in full.items() if len(index[layer]) for name, tensor in tensors.items()
-            })
+        engine.send_slices_to_servers(full)
     # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
     engine.expert_specs = {name: (tuple(t.shape), t.dtype) for name, t in full[slots[0].layer].items()}
     del full

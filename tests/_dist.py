@@ -37,9 +37,24 @@ def _child(rank: int, world: int, port: int, env: dict, target: Callable, args: 
         raise SystemExit(1)
 
 
+# Importing torch and transformers costs ~7 s per process on this machine; a fork server that has imported
+# them once hands every rank a ready interpreter (rank environment variables are set after the fork).
+_PRELOAD = ["torch", "torch.distributed", "transformers", "accelerate", "datasets", "safetensors",
+            "transformers.models.mixtral.modeling_mixtral", "tests._jobs"]
+_CONTEXT = None
+
+
+def _context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = mp.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(_PRELOAD)
+    return _CONTEXT
+
+
 def spawn(world: int, target: Callable, *args: Any, env: dict | None = None, timeout: float = 300) -> list[Any]:
     """Run `target(*args)` in `world` processes; return the per-rank results or raise with every failure."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world, port, env or {}, target, args, queue)) for r in range(world)]

@@ -163,6 +163,6 @@ def test_trainer_golden_single_process(tmp_path, monkeypatch, checkpointing):
     torch.testing.assert_close(torch.tensor(grad_norms(ours)), torch.tensor(grad_norms(stock)), rtol=1e-5, atol=0)
 
 
-def test_features_not_built_yet_are_refused():
-    with pytest.raises(ValueError, match="does not implement yet"):
+def test_asym_ea_needs_expert_ranks():
+    with pytest.raises(ValueError, match="colocated"):
         apply_hetermoe(fresh_model(), HeterMoEConfig(mode="colocated", asym_ea={1: 1}))

@@ -85,4 +85,5 @@ def test_zebra_overlaps_under_emulation(tmp_path):
         logs = [h for h in result["log_history"] if "hetermoe_attention_busy" in h]
         assert logs and all(h["hetermoe_emulated_devices"] == "A40,V100" for h in logs)
         assert all(0 < h["hetermoe_expert_busy"] <= 1 for h in logs)
+        assert all(h["hetermoe_load_imbalance"] >= 1 and 0 < h["hetermoe_busiest_expert_share"] <= 1 for h in logs)
     assert iteration[2] < iteration[1], iteration

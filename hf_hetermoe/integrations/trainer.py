@@ -26,17 +26,20 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..atomic_checkpoint import TRAINER_METHODS as _ATOMIC_CHECKPOINT_METHODS
+from ..atomic_checkpoint import install_atomic_checkpoints
 from ..block import HeterMoEExperts
 from ..checkpoint import load_expert_optimizer, save_expert_optimizer
 from ..config import HeterMoEConfig
 from ..groups import HeterMoEGroups
 from ..patching import apply_hetermoe, get_engine, state_hooks
+from ..versions import check_versions
 
 logger = logging.getLogger(__name__)
 
 # Trainer methods HeterMoE routes through itself; checked up front so a transformers change fails loudly.
 _TRAINER_METHODS = ("_clip_grad_norm", "_get_grad_norm", "save_model", "_save_optimizer_and_scheduler",
-                    "_load_optimizer_and_scheduler")
+                    "_load_optimizer_and_scheduler", *_ATOMIC_CHECKPOINT_METHODS)
 
 
 def _find_trainer(callback: TrainerCallback) -> Trainer:
@@ -65,6 +68,20 @@ def _expert_param_groups(trainer: Trainer, optimizer: torch.optim.Optimizer, exp
     return {name: first_group(name in decay_names) for name, _ in experts.named_parameters()}
 
 
+def _workload(trainer: Trainer, config: HeterMoEConfig, groups: HeterMoEGroups | None) -> tuple[int, int] | None:
+    """(sequences per stripe, tokens per sequence) of training, for `asym_ea: auto`: from the Trainer's batch size
+    and the first training example."""
+    if config.asym_ea != "auto" or trainer.train_dataset is None:
+        return None
+    try:
+        seq_len = len(trainer.train_dataset[0]["input_ids"])
+    except (KeyError, IndexError, TypeError):
+        return None
+    mode = groups.topology.mode if groups is not None else "colocated"
+    stripes = config.zebra.stripes(mode)
+    return max(trainer.args.per_device_train_batch_size // stripes, 1), seq_len
+
+
 class HeterMoECallback(TrainerCallback):
     """Add to `Trainer(callbacks=[...])`; the HeterMoE launcher adds it to every Trainer by itself.
 
@@ -75,6 +92,7 @@ class HeterMoECallback(TrainerCallback):
     """
 
     def __init__(self, config: HeterMoEConfig | str | None = None, *, groups: HeterMoEGroups | None = None):
+        check_versions()
         if isinstance(config, str):
             config = HeterMoEConfig.from_yaml(config)
         self.config = config
@@ -96,11 +114,15 @@ class HeterMoECallback(TrainerCallback):
             )
         if not args.ddp_find_unused_parameters in (None, False):
             logger.warning("hetermoe: ddp_find_unused_parameters has no effect (HeterMoE does not use DDP).")
-        self.engine = apply_hetermoe(model, self.config or HeterMoEConfig(mode="colocated"), self.groups)
+        config = self.config or HeterMoEConfig(mode="colocated")
+        self.engine = apply_hetermoe(model, config, self.groups, workload=_workload(trainer, config, self.groups))
         # Device placement and mixed-precision autocast as Accelerate gives every model, but no DDP wrapper:
         # HeterMoE averages the attention gradients itself (expert gradients must not be all-reduced).
         trainer.accelerator.prepare_model(model, evaluation_mode=True)
         self._route_trainer_methods(trainer, model)
+        if self.engine.shard is not None:  # servers take it from the launcher's config (expert_server.serve)
+            self.engine.shard.check_finite = config.check_finite
+        install_atomic_checkpoints(trainer)  # checkpoint-N folders appear only complete (atomic_checkpoint.py)
 
     def _route_trainer_methods(self, trainer: Trainer, model: torch.nn.Module) -> None:
         engine = self.engine
