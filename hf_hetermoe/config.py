@@ -505,7 +505,8 @@ def _auto_attention_ranks(world_size: int, caps: list[tuple[int, int]] | None) -
     try:
         caps = [tuple(int(v) for v in c) for c in caps]
     except (TypeError, ValueError):
-        raise ValueError(f"hetermoe: device generations {_show(caps)} are not (major, minor) pairs.") from None
+        raise _fail("attention_ranks", f"is auto, and the device generations {_show(caps)} are not (major, minor) "
+                    "pairs", "List `attention_ranks` explicitly.") from None
     newest = max(caps)
     att = tuple(r for r, c in enumerate(caps) if c == newest)
     if len(att) == world_size:

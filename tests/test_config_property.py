@@ -205,7 +205,9 @@ def validate_all(parse, world, caps, model) -> None:
     assert HeterMoEConfig.from_yaml_text(config.to_yaml()) == config
 
 
-COMMON = settings(max_examples=700, deadline=None, database=None,
+# derandomize: CI sees the same examples every run (a new failure would otherwise land at random); explore with
+# `pytest tests/test_config_property.py --hypothesis-seed=N` for new seeds.
+COMMON = settings(max_examples=700, deadline=None, database=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
@@ -226,7 +228,8 @@ def test_random_yaml_text_fails_only_with_a_helpful_value_error(job):
     validate_all(lambda: HeterMoEConfig.from_yaml_text(text), world, None, model)
 
 
-@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(content=st.binary(max_size=80) | yaml_text.map(lambda t: t.encode("utf-8", "surrogatepass")))
 def test_random_files_fail_only_with_a_helpful_value_error(tmp_path_factory, content):
     RUNS["yaml_file"] += 1
