@@ -23,6 +23,7 @@ _HEADER_LEN = 16
 _NUM_INTS = 8
 _NUM_FLOATS = 4
 _TAG_COMMAND = 11
+_MAX_COMMANDS_IN_FLIGHT = 64
 _TAG_BYTES = 12
 _TAG_TENSOR = 13
 
@@ -127,7 +128,13 @@ class CommandChannel:
         return out
 
     def _post(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        self._in_flight = [(w, t, d) for w, t, d in self._in_flight if not w.is_completed()]
+        # A gloo send's Work reports completion only once waited on, so completed sends cannot be recognised by
+        # polling; keep the list bounded by waiting on the oldest ones (long delivered: servers take commands in
+        # order and run at most a few behind; if one is further behind, waiting is the right back-pressure).
+        if len(self._in_flight) >= _MAX_COMMANDS_IN_FLIGHT:
+            for work, _, dst_old in self._in_flight[: _MAX_COMMANDS_IN_FLIGHT // 2]:
+                health.wait(work, f"the delivery of a command to rank {dst_old}", self.rank)
+            del self._in_flight[: _MAX_COMMANDS_IN_FLIGHT // 2]
         try:
             work = self.group.send([tensor], dst, tag)
         except RuntimeError as exc:  # gloo posts a send at once, and refuses it on a connection already closed
