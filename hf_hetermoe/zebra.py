@@ -113,13 +113,19 @@ class ZebraRun:
     baton: Baton
     segments: dict[tuple[int, int], Segment] = field(default_factory=dict)
     inputs: list[torch.Tensor | None] = field(default_factory=list)
-    outputs: list[Any] = field(default_factory=list)
-    router_logits: list[tuple | None] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)  # the stock base-model output of each stripe (None: no rows)
     error: BaseException | None = None
 
     @property
     def num_stripes(self) -> int:
         return len(self.rows)
+
+    def hidden(self, stripe: int) -> torch.Tensor | None:
+        result = self.results[stripe]
+        return None if result is None else result.last_hidden_state
+
+    def logits(self, stripe: int) -> tuple | None:
+        return getattr(self.results[stripe], "router_logits", None)
 
     def segment(self, layer: int, stripe: int) -> Segment:
         return self.segments.setdefault((layer, stripe), Segment())
@@ -134,11 +140,12 @@ class ZebraJoin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeds: torch.Tensor, anchor: torch.Tensor, run: ZebraRun):
         ctx.run = run
-        hidden = torch.cat([o.detach() for o in run.outputs])
+        stripes = [j for j in range(run.num_stripes) if run.results[j] is not None]  # stripes with rows
+        hidden = torch.cat([run.hidden(j).detach() for j in stripes])
         logits = []
-        if run.router_logits and run.router_logits[0] is not None:
-            for i in range(len(run.router_logits[0])):
-                logits.append(torch.cat([lg[i].detach() for lg in run.router_logits]))
+        if run.logits(stripes[0]) is not None:
+            for i in range(len(run.logits(stripes[0]))):
+                logits.append(torch.cat([run.logits(j)[i].detach() for j in stripes]))
         return (hidden, *logits)
 
     @staticmethod
@@ -228,8 +235,7 @@ class ZebraRunner:
         rows = [(int(b[0]), int(b[-1]) + 1) if len(b) else (0, 0) for b in bounds]
         run = ZebraRun(runner=self, session=session, rows=rows, baton=Baton(len(rows)))
         run.inputs = [None] * len(rows)
-        run.outputs = [None] * len(rows)
-        run.router_logits = [None] * len(rows)
+        run.results = [None] * len(rows)
         kwargs["use_cache"] = False
         state = (torch.is_grad_enabled(), _autocast_state(embeds.device.type))
         threads = [
@@ -246,7 +252,7 @@ class ZebraRunner:
         anchor = torch.zeros((), requires_grad=True)  # makes the join's outputs require grad in any case
         results = ZebraJoin.apply(embeds, anchor, run)
         hidden, logits = results[0], tuple(results[1:])
-        template = next(o for o in run.outputs_objects if o is not None)
+        template = next(o for o in run.results if o is not None)
         fields = {"last_hidden_state": hidden}
         if logits:
             fields["router_logits"] = logits
@@ -264,10 +270,8 @@ class ZebraRunner:
                 if stop > start:
                     x = embeds[start:stop].detach().requires_grad_(embeds.requires_grad)
                     run.inputs[stripe] = x
-                    out = self.original_forward(inputs_embeds=x, **_slice_batch(kwargs, start, stop, embeds.shape[0]))
-                    run.outputs[stripe] = out.last_hidden_state
-                    run.router_logits[stripe] = getattr(out, "router_logits", None)
-                    _remember_output(run, stripe, out)
+                    run.results[stripe] = self.original_forward(
+                        inputs_embeds=x, **_slice_batch(kwargs, start, stop, embeds.shape[0]))
                 else:
                     self._empty_stripe_forward(run, stripe)
                 self.engine.timeline.record("A", "F", len(self.layers), stripe, _local.task_start)
@@ -284,7 +288,8 @@ class ZebraRunner:
         """A stripe with no rows (batch smaller than R) still takes part in every exchange, with zero rows."""
         hidden = self.base.config.hidden_size
         for layer in sorted(self.moe_index):
-            x = torch.zeros(0, hidden, device=self.engine.groups.device, dtype=self.base.dtype)
+            # Requires grad like any stripe's rows, so its (empty) backward exchange is announced and kept too.
+            x = torch.zeros(0, hidden, device=self.engine.groups.device, dtype=self.base.dtype, requires_grad=True)
             counts = torch.zeros(self.engine.placement.num_experts, dtype=torch.int64)
             exchange_in_stripe(self.engine, layer, x, counts)
 
@@ -298,7 +303,7 @@ class ZebraRunner:
         g_seg: list[torch.Tensor | None] = list(g_rows)
         for j in stripes:  # top stage: dy of the last layer's experts, for every stripe
             start = time.perf_counter()
-            pending[(top, j)] = self._stage1(run, top, j, run.outputs[j], g_seg[j])
+            pending[(top, j)] = self._stage1(run, top, j, run.hidden(j), g_seg[j])
             engine.timeline.record("A", "B", top, j, start)
         engine.finish_local_backward(top)
         for layer in reversed(range(len(self.layers))):
@@ -306,7 +311,7 @@ class ZebraRunner:
                 exchange = pending.pop((layer, j), None)
                 dx = exchange.wait() if exchange is not None else None  # waiting is not attention work
                 start = time.perf_counter()
-                out = run.outputs[j] if layer == top else run.segment(layer, j).out
+                out = run.hidden(j) if layer == top else run.segment(layer, j).out
                 g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, dx)
                 engine.pad_attention("B", run.rows[j][1] - run.rows[j][0], start)
                 if layer > 0:
@@ -332,17 +337,14 @@ class ZebraRunner:
         if stop == start:
             return None
         if g is None:
-            return torch.zeros_like(run.outputs[stripe])
+            return torch.zeros_like(run.hidden(stripe))
         return g[start:stop]
 
     def _stage1(self, run: ZebraRun, layer: int, stripe: int, out, g) -> PendingExchange | None:
         """dy of this segment's experts, sent to the expert servers at once."""
-        seg = run.segments.get((layer, stripe))
         if layer not in self.moe_index:
             return None
-        if seg is None or seg.exchange is None:  # empty stripe: still takes part, with zero rows
-            return self._empty_backward(run, layer, stripe)
-        ex = seg.exchange
+        ex = run.segment(layer, stripe).exchange  # every stripe exchanged in forward, empty ones with zero rows
         _local.ctx = (run, stripe)
         try:
             if ex.y_leaf.shape[0] and ex.y_leaf.requires_grad:
@@ -355,14 +357,6 @@ class ZebraRunner:
             dy = torch.zeros_like(ex.y_leaf)
         return self.engine.issue_backward(ex.key, ex.plan, dy)
 
-    def _empty_backward(self, run: ZebraRun, layer: int, stripe: int) -> PendingExchange:
-        hidden = self.base.config.hidden_size
-        key = ExchangeKey(session=run.session, layer=layer, stripe=stripe)
-        plan = ExchangePlan(send_splits=[0] * self.engine.groups.world_size, recv_splits=[0] * self.engine.groups.world_size,
-                            recv_local_expert_R=None, row_dtype=self.base.dtype)
-        return self.engine.issue_backward(key, plan, torch.zeros(0, hidden, dtype=self.base.dtype,
-                                                                  device=self.engine.groups.device))
-
     def _stage2(self, run: ZebraRun, layer: int, stripe: int, out, g, g_logits: list, dx) -> torch.Tensor | None:
         """The rest of the segment's backward, once dx is back; returns the gradient of its input."""
         seg = run.segments.get((layer, stripe))
@@ -370,7 +364,7 @@ class ZebraRunner:
             return None
         tensors, grads = [out], [g]
         moe = self.moe_index.get(layer)
-        logits = run.router_logits[stripe]
+        logits = run.logits(stripe)
         if moe is not None and logits is not None and moe < len(g_logits) and g_logits[moe] is not None:
             start, stop = run.rows[stripe]
             per_row = logits[moe].shape[0] // (stop - start)
@@ -437,12 +431,6 @@ def _slice_batch(kwargs: dict, start: int, stop: int, batch: int) -> dict:
             value = value[start:stop]
         out[key] = value
     return out
-
-
-def _remember_output(run: ZebraRun, stripe: int, out: Any) -> None:
-    if not hasattr(run, "outputs_objects"):
-        run.outputs_objects = [None] * run.num_stripes
-    run.outputs_objects[stripe] = out
 
 
 def _embedding_prefix(base: nn.Module) -> str:

@@ -12,7 +12,9 @@ import pytest
 
 from hf_hetermoe.zebra import theorem1_order
 from tests._dist import spawn
+from tests._jobs import train
 from tests._zebra_jobs import train_each
+from tests.test_golden_distributed import assert_same_losses, assert_same_weights
 
 M1 = {"attention_ranks": [0]}  # rank 0 attention, rank 1 expert server
 LAYERS = 4
@@ -87,3 +89,13 @@ def test_zebra_overlaps_under_emulation(tmp_path):
         assert all(0 < h["hetermoe_expert_busy"] <= 1 for h in logs)
         assert all(h["hetermoe_load_imbalance"] >= 1 and 0 < h["hetermoe_busiest_expert_share"] <= 1 for h in logs)
     assert iteration[2] < iteration[1], iteration
+
+
+def test_stripes_without_rows(tmp_path):
+    """R = 4 with 2 rows per micro-batch: two stripes are empty but still take part in every exchange."""
+    spec = {"batch_size": 2, "model": {"num_hidden_layers": 2}}
+    stock = train(spec | {"output_dir": str(tmp_path / "stock"), "final_dir": str(tmp_path / "stock_final")})
+    runs = [({"zebra": {"microbatches": 4}}, spec | {"output_dir": str(tmp_path / "z"), "final_dir": str(tmp_path / "z_final")})]
+    ours = spawn(2, train_each, M1, runs)[0][0]
+    assert_same_losses(stock, ours)
+    assert_same_weights(tmp_path / "stock_final", tmp_path / "z_final")
