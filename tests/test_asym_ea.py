@@ -107,3 +107,22 @@ def test_bad_placements_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         placement_for(HeterMoEConfig(asym_ea=str(tmp_path / "nope.json")), layers=(0, 1, 2), num_experts=4,
                       topology=topology)
+
+
+def test_the_plan_placement_file_is_what_the_runtime_builds(tmp_path):
+    """`hetermoe plan` writes counts and a placement file; both give the runtime the same placement."""
+    from hf_hetermoe import HeterMoEConfig
+    from hf_hetermoe.asym_ea import placement_for
+    from hf_hetermoe.planner.asym_ea import placement_from_offloads
+
+    topology = HeterMoEConfig(attention_ranks=[0, 1]).resolve_topology(4)
+    offloads = [0, 1, 2, 1]
+    planned = placement_from_offloads(num_experts=8, attention_ranks=(0, 1), expert_ranks=(2, 3), offloads=offloads)
+    path = tmp_path / "hetermoe_placement.json"
+    path.write_text(json.dumps(planned.to_dict()))
+    layers = (0, 1, 2, 3)
+    from_file = placement_for(HeterMoEConfig(asym_ea=str(path)), layers=layers, num_experts=8, topology=topology)
+    from_counts = placement_for(HeterMoEConfig(asym_ea={1: 1, 2: 2, 3: 1}), layers=layers, num_experts=8,
+                                topology=topology)
+    assert from_file == from_counts
+    assert from_file.local_experts(0, 2) == (2, 3) and from_file.local_experts(2, 2) == (0, 1)
