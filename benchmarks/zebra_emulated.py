@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     short = ns.short_seq_len
     global_seqs = 2 * ns.batch
     emulation = {"devices": DEVICES, "model": "D1", "seq_len": seq_len}
-    short_emulation = dict(emulation, seq_len=short)
     short_seqs = 2 * ns.short_batch
     offloads = algorithm1_offloads(short, short_seqs, 2)
     asym = {layer: o for layer, o in enumerate(offloads) if o} or "off"

@@ -128,7 +128,7 @@ def save_expert_optimizer(engine: Any, output_dir: str) -> str | None:
     metadata = {
         "format": EXPERT_OPTIMIZER_FORMAT,
         "hf_hetermoe_version": _version(),
-        "hyperparams": json.dumps(getattr(engine, "optimizer_hyperparams", {})),
+        "optimizer": json.dumps(engine.optimizer_spec or {}),  # class and param groups the state belongs to
     }
     path = os.path.join(output_dir, EXPERT_OPTIMIZER_FILE)
     fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-hetermoe-", suffix=".safetensors")

@@ -92,7 +92,7 @@ class HeterMoEEngine:
         self.buffers = ReceiveBuffers(model_config.hidden_size, groups.device)
         self.async_exchanger = AsyncAttentionExchanger(self.exchanger, self.buffers) if self.has_servers else None
         self.clip_coef = 1.0
-        self._optimizer_key: tuple | None = None
+        self.optimizer_spec: dict | None = None  # what the expert holders' optimizer was built from
         self.weights_version = 0
 
     # ---- helpers ----------------------------------------------------------------------------------------
@@ -331,12 +331,12 @@ class HeterMoEEngine:
             {"hyperparams": optimizer_hyperparams(inner, i), "params": sorted(n for n, g in group_of.items() if g == i)}
             for i in indices
         ]
-        key = (class_path, repr(groups))
-        if key == self._optimizer_key:
+        spec = {"class": class_path, "groups": groups}
+        if spec == self.optimizer_spec:
             return
-        self._optimizer_key = key
+        self.optimizer_spec = spec
         self.optimizer_groups = indices  # Trainer group index of each expert param group, in order
-        self.command(Op.OPTIM_SETUP, payload={"class": class_path, "groups": groups})
+        self.command(Op.OPTIM_SETUP, payload=spec)
         if self.shard is not None:
             self.shard.build_optimizer(class_path, groups)
         logger.info("hetermoe: experts use %s with groups %s", class_path, groups)

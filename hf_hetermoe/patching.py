@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -39,12 +39,9 @@ import torch
 from torch import nn
 
 from .comm import ExchangeKey, ExchangePlan, PendingExchange
+from .engine import _in_backward
 
 _local = threading.local()  # .ctx = (run, stripe) while a stripe runs; .task_start for the timeline
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 def active_stripe() -> tuple["ZebraRun", int] | None:

@@ -7,6 +7,7 @@ Disaggregated runs use zebra parallelism with the default R = 2 unless a test se
 Checkpoints load into stock MixtralForCausalLM; resuming from step 4 reaches the straight run's weights.
 """
 
+import json
 import os
 
 import pytest
@@ -92,6 +93,8 @@ def test_m1_n2_and_resume(base, stock_single):
     with safe_open(checkpoint / EXPERT_OPTIMIZER_FILE, "pt") as fh:
         keys = list(fh.keys())
         assert fh.metadata()["format"].startswith("hf-hetermoe")
+        optimizer = json.loads(fh.metadata()["optimizer"])
+    assert optimizer["class"] == "torch.optim.adamw:AdamW" and optimizer["groups"][0]["hyperparams"]["weight_decay"] == 0.01
     assert "model.layers.0.mlp.experts.gate_up_proj#exp_avg" in keys
 
     # Resume from step 4 in fresh processes: same topology, then a different number of expert ranks.

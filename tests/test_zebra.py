@@ -8,7 +8,6 @@ import json
 import os
 import statistics
 
-import pytest
 
 from hf_hetermoe.zebra import theorem1_order
 from tests._dist import spawn

@@ -21,7 +21,6 @@ import inspect
 import logging
 import os
 import time
-from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -32,7 +31,7 @@ from ..block import HeterMoEExperts
 from ..checkpoint import load_expert_optimizer, save_expert_optimizer
 from ..config import HeterMoEConfig
 from ..groups import HeterMoEGroups
-from ..patching import apply_hetermoe, get_engine, state_hooks
+from ..patching import apply_hetermoe, state_hooks
 from ..versions import check_versions
 
 logger = logging.getLogger(__name__)
