@@ -24,10 +24,12 @@ setup(
         "tokenizers",
         "pyyaml",
         "tqdm",
+        # `hetermoe plan` solves the lower bound and calibration with scipy and draws its Gantt chart with matplotlib.
+        "scipy",
+        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib"],
-        "plot": ["matplotlib"],
+        "test": ["pytest", "hypothesis"],
     },
     entry_points={"console_scripts": ["hetermoe=hf_hetermoe.cli:main"]},
 )
