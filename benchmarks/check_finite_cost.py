@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hf_hetermoe.comm import ExchangeKey
+from hf_hetermoe.transport import ExchangeKey
 from hf_hetermoe.expert_shard import ExpertShard
 from hf_hetermoe.placement import ExpertPlacement
 from model_patches import get_family

@@ -241,7 +241,7 @@ def auto_placement_counts(model: torch.nn.Module, family, config: HeterMoEConfig
     if groups.attention is not None:
         import torch.distributed as dist
 
-        from .comm import wait
+        from .transport import wait
 
         opts = dist.BroadcastOptions()
         opts.rootRank = 0

@@ -1,55 +1,26 @@
-"""The command stream (DESIGN.md section 3): the leader (global attention rank 0) commands the expert servers.
+"""The control channel: point-to-point messages between the leader (global attention rank 0) and the servers.
 
-Global attention rank 0 is the single source of commands, so every server sees them in one total order. A
-command is a fixed int64 header (op, small ints, floats as float64 bits) sent point-to-point on the control
-group, optionally followed by a JSON payload. Bulk tensors (weights, optimizer state) follow as
-self-describing tensor dicts: a JSON manifest, then each tensor's raw bytes (any dtype travels as uint8).
+The leader is the single source of commands, so every server sees them in one total order. Commands (their
+encoding is hf_hetermoe/protocol.py) are sent point-to-point on the control group, which is always gloo on CPU
+tensors. Bulk tensors (weights, optimizer state) follow as self-describing tensor dicts: a JSON manifest, then
+each tensor's raw bytes (any dtype travels as uint8). See docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import datetime
-import enum
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import health
+from .protocol import HEADER_LEN, Command, decode, encode, payload_size
 
-_MAGIC = 0x4845544552  # "HETER"
-_HEADER_LEN = 16
-_NUM_INTS = 8
-_NUM_FLOATS = 4
 _TAG_COMMAND = 11
 _MAX_COMMANDS_IN_FLIGHT = 64
 _TAG_BYTES = 12
 _TAG_TENSOR = 13
-
-
-class Op(enum.IntEnum):
-    SETUP = 1          # payload: model config, placement, ...; then the server's expert weights
-    FORWARD = 2        # ints: layer, stripe, session, keep, autocast code
-    BACKWARD = 3       # ints: layer, stripe, session
-    OPTIM_SETUP = 4    # payload: optimizer class path and hyperparameters
-    GRAD_NORM = 5      # floats: unscale factor; then an all-reduce of squared norms on the control group
-    STEP = 6           # floats: lr, clip coefficient; ints: skipped
-    FETCH_WEIGHTS = 7  # server sends its expert weights to the leader
-    LOAD_WEIGHTS = 8   # leader sends the server's expert weights
-    FETCH_OPTIM = 9    # server sends its optimizer state to the leader
-    LOAD_OPTIM = 10    # leader sends the server's optimizer state
-    STOP = 11          # the job ended normally: exit 0
-    ABORT = 12         # the job failed on an attention rank: payload holds the reason
-    STATS = 13         # server sends [expert-busy seconds, window seconds] since its previous STATS
-
-
-@dataclass(frozen=True)
-class Command:
-    op: Op
-    ints: tuple[int, ...]
-    floats: tuple[float, ...]
-    payload: Any
 
 
 class _Bounded:
@@ -157,17 +128,10 @@ class CommandChannel:
             self._in_flight.pop(0)
 
     # ---- commands -------------------------------------------------------------------------------------
-    def broadcast(self, op: Op, *, ints: tuple[int, ...] = (), floats: tuple[float, ...] = (), payload: Any = None) -> None:
+    def broadcast(self, command: Command) -> None:
         """Leader only: send one command to every expert server (in server order)."""
         assert self.rank == self.leader, "only the leader issues commands"
-        assert len(ints) <= _NUM_INTS and len(floats) <= _NUM_FLOATS
-        data = json.dumps(payload).encode() if payload is not None else b""
-        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-        header[0], header[1], header[2] = _MAGIC, int(op), len(data)
-        header[3 : 3 + len(ints)] = torch.tensor(ints, dtype=torch.int64)
-        fl = torch.zeros(_NUM_FLOATS, dtype=torch.float64)
-        fl[: len(floats)] = torch.tensor(floats, dtype=torch.float64)
-        header[3 + _NUM_INTS : 3 + _NUM_INTS + _NUM_FLOATS] = fl.view(torch.int64)
+        header, data = encode(command)
         payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else None
         for server in self.servers:
             self._post(header, server, _TAG_COMMAND)
@@ -176,16 +140,12 @@ class CommandChannel:
 
     def receive(self) -> Command:
         """Expert server only: wait for the next command from the leader."""
-        header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         self._recv(header, self.leader, _TAG_COMMAND)
-        if header[0].item() != _MAGIC:
-            raise RuntimeError(f"hetermoe: rank {self.rank} received a malformed command from rank {self.leader}.")
-        payload = None
-        size = int(header[2].item())
+        size = payload_size(header)
+        data = b""
         if size:
             buf = torch.empty(size, dtype=torch.uint8)
             self._recv(buf, self.leader, _TAG_COMMAND)
-            payload = json.loads(buf.numpy().tobytes().decode())
-        ints = tuple(int(v) for v in header[3 : 3 + _NUM_INTS].tolist())
-        floats = tuple(header[3 + _NUM_INTS : 3 + _NUM_INTS + _NUM_FLOATS].clone().view(torch.float64).tolist())
-        return Command(op=Op(int(header[1].item())), ints=ints, floats=floats, payload=payload)
+            data = buf.numpy().tobytes()
+        return decode(header, data)

@@ -17,27 +17,19 @@ from typing import Any
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .comm import (
-    DTYPE_CODES,
-    AsyncAttentionExchanger,
-    ExchangeKey,
-    ExchangePlan,
-    ExpertExchanger,
-    PendingExchange,
-    ReceiveBuffers,
-    wait,
-)
+from . import protocol as cmds
 from .config import HeterMoEConfig
-from .control import CommandChannel, Op
+from .control import CommandChannel
 from .emulation import DeviceEmulator
 from .expert_shard import ExpertShard, optimizer_hyperparams
 from .groups import HeterMoEGroups
+from .instrumentation import Instruments, ModelHooks
 from .placement import ExpertPlacement
-from .timeline import Timeline
+from .transport import ExchangeKey, ExchangePlan, PendingExchange, TokenTransport, wait
 
 logger = logging.getLogger(__name__)
 
-MAX_EXPERT_GROUPS = 3  # learning rates travel in the STEP command's float slots, after the clip coefficient
+MAX_EXPERT_GROUPS = 3  # learning rates travel in the Step command's float slots, after the clip coefficient
 
 
 def _in_backward() -> bool:
@@ -61,9 +53,15 @@ class HeterMoEEngine:
         self.num_replicas = self.topology.num_attention
         self.owner_E = {layer: torch.tensor(row, dtype=torch.int64) for layer, row in placement.owner.items()}
         self.first_layer = min(slot_paths)
-        self.exchanger = ExpertExchanger(
-            groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size
+        emulator = (
+            DeviceEmulator(config.emulation, rank=groups.rank, model_config=model_config) if config.emulation else None
         )
+        self.instruments = Instruments(groups.rank, emulator)
+        self.model_hooks = ModelHooks(self.instruments)
+        self.transport = TokenTransport(groups=groups, placement=placement, hidden_size=model_config.hidden_size,
+                                        observer=self.instruments)
+        if shard is not None:
+            shard.observer = self.instruments
         self.channel = CommandChannel(
             groups.control, rank=groups.rank, leader=groups.leader, servers=self.topology.expert_ranks
         )
@@ -72,25 +70,13 @@ class HeterMoEEngine:
         self.generation = groups.generation
         # Expert outputs of the current forward, by layer: a checkpointed layer's recompute reuses them
         # instead of running the experts again.
-        self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan]]] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan, int]]] = {}
         self._grads_finished = False
         # Per-layer gradient all-reduces issued during the zebra backward: (flat buffer, grads, work).
         self._pending_reduce: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
         self._reduced: set[int] = set()
-        self.timeline = Timeline(groups.rank)
-        self.emulator = (
-            DeviceEmulator(config.emulation, rank=groups.rank, model_config=model_config) if config.emulation else None
-        )
-        if shard is not None:
-            shard.timeline = self.timeline
-            shard.emulator = self.emulator
-        self.seq_len = 1  # tokens per sequence of the current forward (set by the base model's pre-hook)
         # Routed (token, k) pairs per expert since the last log, per layer: real routing is not uniform.
         self.expert_load = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}
-        self._attention_resumed = {"F": time.perf_counter(), "B": time.perf_counter()}
-        self._hook_handles: list[Any] = []
-        self.buffers = ReceiveBuffers(model_config.hidden_size, groups.device)
-        self.async_exchanger = AsyncAttentionExchanger(self.exchanger, self.buffers) if self.has_servers else None
         self.clip_coef = 1.0
         self.optimizer_spec: dict | None = None  # what the expert holders' optimizer was built from
         self.weights_version = 0
@@ -100,77 +86,40 @@ class HeterMoEEngine:
     def has_servers(self) -> bool:
         return bool(self.topology.expert_ranks)
 
-    def command(self, op: Op, **kwargs: Any) -> None:
+    @property
+    def timeline(self):
+        return self.instruments.timeline
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence of the current forward (set by the base model's pre-hook)."""
+        return self.instruments.seq_len
+
+    def command(self, command: cmds.Command) -> None:
         """Leader: send a command to every expert server (no-op elsewhere or without servers)."""
         self._check_current()
         if self.groups.is_leader and self.has_servers:
-            self.channel.broadcast(op, **kwargs)
+            self.channel.broadcast(command)
 
-    # ---- hooks: sequence length, head timing, attention resume points --------------------------------------
     def install_model_hooks(self, model: torch.nn.Module) -> None:
-        base = model.base_model
-
-        def base_pre(module, args, kwargs):
-            x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
-            if x is None and args:
-                x = args[0]
-            if x is not None and x.dim() >= 2:
-                self.seq_len = int(x.shape[1])
-            self._attention_resumed["F"] = time.perf_counter()
-
-        self._hook_handles.append(base.register_forward_pre_hook(base_pre, with_kwargs=True))
-        head = model.get_output_embeddings()
-        if head is None:
-            return
-        starts: dict[str, float] = {}
-
-        def head_pre(module, args):
-            starts["F"] = time.perf_counter()
-
-        def head_post(module, args, output):
-            self._head_done("F", args[0], starts["F"])
-
-        def head_bwd_pre(module, grad_output):
-            starts["B"] = time.perf_counter()
-
-        def head_bwd(module, grad_input, grad_output):
-            self._head_done("B", grad_output[0], starts["B"])
-            self._attention_resumed["B"] = time.perf_counter()
-
-        self._hook_handles += [
-            head.register_forward_pre_hook(head_pre), head.register_forward_hook(head_post),
-            head.register_full_backward_pre_hook(head_bwd_pre), head.register_full_backward_hook(head_bwd),
-        ]
-
-    def _head_done(self, direction: str, x: torch.Tensor, start: float) -> None:
-        if self.emulator is not None:
-            tokens = x.numel() // x.shape[-1]
-            self.emulator.pad(start, self.emulator.head_s(direction, num_tokens=tokens, real_seq_len=self.seq_len))
-        self.timeline.record("H", direction, -1, -1, start)
+        self.model_hooks.install(model)
 
     def remove_model_hooks(self) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        self.model_hooks.remove()
 
-    def pad_attention(self, direction: str, num_seqs: int, start: float) -> None:
-        """Emulation: make the attention work since `start` take its modelled time on this rank's device."""
-        if self.emulator is not None:
-            self.emulator.pad(start, self.emulator.attention_s(direction, num_seqs=num_seqs, real_seq_len=self.seq_len))
-
-    def _attention_task(self, direction: str, layer: int, num_tokens: int) -> None:
-        """Close the attention task that ends at this exchange (synchronous path)."""
-        start = self._attention_resumed[direction]
-        self.pad_attention(direction, max(num_tokens // max(self.seq_len, 1), 1), start)
-        self.timeline.record("A", direction, layer, 0, start)
-
-    # ---- data path ----------------------------------------------------------------------------------------
+    # ---- the synchronous path (outside zebra): issue, then wait ----------------------------------------------
     @staticmethod
     def forward_context(x_PH: torch.Tensor, num_tokens: int) -> tuple[bool, torch.dtype | None, bool, int]:
         """(keep activations for backward, autocast dtype or None, inside a backward pass, tokens)."""
         device_type = x_PH.device.type
         autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
         return torch.is_grad_enabled() and x_PH.requires_grad, autocast, _in_backward(), num_tokens
+
+    def _attention_task(self, direction: str, layer: int, num_tokens: int) -> None:
+        """Close the attention task that ends at this exchange (synchronous path)."""
+        resumed = self.model_hooks.attention_resumed
+        num_seqs = max(num_tokens // max(self.seq_len, 1), 1)
+        self.instruments.attention_done(direction, layer, 0, resumed[direction], num_seqs=num_seqs)
 
     def forward_exchange(self, layer: int, x_PH: torch.Tensor, counts_E: torch.Tensor, context: tuple):
         keep, autocast, recompute, num_tokens = context
@@ -182,17 +131,15 @@ class HeterMoEEngine:
             self.session += 1
             self._outputs.clear()
         key = ExchangeKey(session=self.session, layer=layer, stripe=0)
-        self.expert_load[layer] += counts_E
         self._attention_task("F", layer, num_tokens)
-        self.command(
-            Op.FORWARD,
-            ints=(layer, 0, self.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype], self.seq_len),
-        )
-        y_PH, plan = self.exchanger.forward(
-            key, x_PH.detach(), counts_E, keep=keep, autocast_dtype=autocast, row_dtype=x_PH.dtype,
-            seq_len=self.seq_len,
-        )
-        self._attention_resumed["F"] = time.perf_counter()
+        start = self.instruments.now()
+        # Fresh receive buffers: the results may be kept (checkpoint recompute) past the next forward.
+        pending, plan = self.issue_forward(key, x_PH.detach(), counts_E, keep=keep, autocast=autocast,
+                                           reuse_buffers=False)
+        self.finish_local_forward(layer)
+        y_PH = pending.wait()
+        self.instruments.exchange_done("D", "F", key, start)
+        self.model_hooks.attention_resumed["F"] = self.instruments.now()
         result = (y_PH, (key, plan, num_tokens))
         if keep:
             self._outputs[layer] = result
@@ -201,13 +148,14 @@ class HeterMoEEngine:
     def backward_exchange(self, handle: tuple, dy_PH: torch.Tensor) -> torch.Tensor:
         key, plan, num_tokens = handle
         self._attention_task("B", key.layer, num_tokens)
-        self.command(Op.BACKWARD, ints=(key.layer, key.stripe, key.session))
         self._outputs.pop(key.layer, None)
-        dx = self.exchanger.backward(key, plan, dy_PH)
-        self._attention_resumed["B"] = time.perf_counter()
+        pending = self.issue_backward(key, plan, dy_PH, reuse_buffers=False)
+        self.finish_local_backward(key.layer)
+        dx = pending.wait()
+        self.model_hooks.attention_resumed["B"] = self.instruments.now()
         return dx
 
-    # ---- asynchronous exchanges (zebra) -----------------------------------------------------------------------
+    # ---- asynchronous exchanges (zebra; the synchronous path waits on them at once) --------------------------
     def begin_session(self) -> int:
         """A new model forward: expert holders drop activations of older forwards when it keeps its own."""
         self._check_current()
@@ -223,33 +171,34 @@ class HeterMoEEngine:
             )
 
     def issue_forward(
-        self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None
+        self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None,
+        reuse_buffers: bool = True,
     ) -> tuple[PendingExchange, ExchangePlan]:
-        """Send one stripe's rows to the expert servers without waiting; `wait()` on the result gives y_PH."""
+        """Send one stripe's rows to the expert holders without waiting; `wait()` on the result gives y_PH."""
         self.expert_load[key.layer] += counts_E
-        self.command(
-            Op.FORWARD,
-            ints=(key.layer, key.stripe, key.session, int(keep), DTYPE_CODES[autocast], DTYPE_CODES[x_PH.dtype],
-                  self.seq_len),
-        )
-        return self.async_exchanger.forward(key, x_PH, counts_E, keep=keep, autocast=autocast, seq_len=self.seq_len)
+        self.command(cmds.Forward(layer=key.layer, stripe=key.stripe, session=key.session, keep=keep,
+                                  autocast=autocast, row_dtype=x_PH.dtype, seq_len=self.seq_len))
+        return self.transport.dispatch_forward(key, x_PH, counts_E, keep=keep, autocast=autocast,
+                                               seq_len=self.seq_len, reuse_buffers=reuse_buffers)
 
-    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor) -> PendingExchange:
-        self.command(Op.BACKWARD, ints=(key.layer, key.stripe, key.session))
-        return self.async_exchanger.backward(key, plan, dy_PH)
+    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
+                       reuse_buffers: bool = True) -> PendingExchange:
+        self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session))
+        return self.transport.dispatch_backward(key, plan, dy_PH, reuse_buffers=reuse_buffers)
 
     def holds_layer(self, layer: int) -> bool:
         """Asym-EA: this attention rank holds some experts of `layer`."""
         return self.shard is not None and layer in self.shard.local
 
     def finish_local_forward(self, layer: int) -> None:
-        """Asym-EA: after every stripe's attention of `layer`, run this rank's experts of it (then combine)."""
+        """Experts held here (Asym-EA, colocated): run them for every exchange of `layer` issued so far, then
+        combine (zebra: after every stripe's attention of the layer)."""
         if self.holds_layer(layer):
-            self.async_exchanger.finish_layer_forward(layer, self.shard)
+            self.transport.finish_layer(layer, self.shard)
 
     def finish_local_backward(self, layer: int) -> None:
         if self.holds_layer(layer):
-            self.async_exchanger.finish_layer_backward(layer, self.shard)
+            self.transport.finish_layer(layer, self.shard)
 
     # ---- gradients ----------------------------------------------------------------------------------------
     @staticmethod
@@ -298,7 +247,7 @@ class HeterMoEEngine:
         self.finish_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         attn_sq = sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64, device=self.groups.device))
-        self.command(Op.GRAD_NORM, floats=(unscale,))
+        self.command(cmds.GradNorm(unscale=unscale))
         expert_sq = torch.tensor([self.shard.prepare_grads(unscale) if self.shard else 0.0], dtype=torch.float64)
         wait(self.groups.control.allreduce([expert_sq]), "the gradient-norm all-reduce", self.groups.rank)
         total = torch.sqrt(attn_sq.cpu() + expert_sq[0])
@@ -336,14 +285,14 @@ class HeterMoEEngine:
             return
         self.optimizer_spec = spec
         self.optimizer_groups = indices  # Trainer group index of each expert param group, in order
-        self.command(Op.OPTIM_SETUP, payload=spec)
+        self.command(cmds.OptimSetup(spec=spec))
         if self.shard is not None:
             self.shard.build_optimizer(class_path, groups)
         logger.info("hetermoe: experts use %s with groups %s", class_path, groups)
 
     def step(self, *, lrs: list[float], skipped: bool) -> None:
         """Step the experts with the learning rates the Trainer's optimizer just used, then zero their grads."""
-        self.command(Op.STEP, floats=(self.clip_coef, *lrs), ints=(int(skipped),))
+        self.command(cmds.Step(clip_coef=self.clip_coef, lrs=tuple(lrs), skipped=skipped))
         if self.shard is not None:
             self.shard.step(lrs=lrs, clip_coef=self.clip_coef, skipped=skipped)
         self.clip_coef = 1.0
@@ -371,11 +320,11 @@ class HeterMoEEngine:
                 "when every attention rank takes part: call `trainer.save_model()` on all ranks (the Trainer "
                 "does this for checkpoints) or `hf_hetermoe.gather_expert_weights(model)` on all ranks first."
             )
-        pieces = self._gather_to_leader(Op.FETCH_WEIGHTS, lambda shard: shard.local_weights(),
+        pieces = self._gather_to_leader(cmds.FetchWeights(), lambda shard: shard.local_weights(),
                                         from_attention=collective)
         return self._assemble(pieces) if pieces is not None else None
 
-    def _gather_to_leader(self, op: Op, local, *, from_attention: bool = True) -> dict[int, dict] | None:
+    def _gather_to_leader(self, op: cmds.Command, local, *, from_attention: bool = True) -> dict[int, dict] | None:
         """Leader: `{holder rank: tensors}` from every expert holder (servers answer `op`; attention holders,
         which make this call too when `from_attention`, send theirs). Elsewhere: send this rank's, return None."""
         rank, leader = self.groups.rank, self.groups.leader
@@ -420,7 +369,7 @@ class HeterMoEEngine:
     def load_expert_weights(self, full: dict[int, dict[str, torch.Tensor]]) -> None:
         """Scatter full expert tensors: the leader sends each server its slice; holders here take theirs."""
         if self.groups.is_leader and self.has_servers:
-            self.command(Op.LOAD_WEIGHTS)
+            self.command(cmds.LoadWeights())
             self.send_slices_to_servers(full)
         if self.shard is not None:
             self.shard.load_local_weights(self.shard.slice_full(full))
@@ -430,7 +379,7 @@ class HeterMoEEngine:
     def gather_optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """Collective over attention ranks: the experts' optimizer state as full tensors keyed by stock names
         (`<experts path>.<param>#<state>`), on the leader; None elsewhere."""
-        pieces = self._gather_to_leader(Op.FETCH_OPTIM, lambda shard: shard.optimizer_state())
+        pieces = self._gather_to_leader(cmds.FetchOptim(), lambda shard: shard.optimizer_state())
         if pieces is None:
             return None
         out: dict[str, torch.Tensor] = {}
@@ -472,7 +421,7 @@ class HeterMoEEngine:
             return out
 
         if self.groups.is_leader and self.has_servers:
-            self.command(Op.LOAD_OPTIM)
+            self.command(cmds.LoadOptim())
             for server in self.topology.expert_ranks:
                 self.channel.send_tensor_dict(server, slice_for(server))
         if self.shard is not None:
@@ -488,7 +437,7 @@ class HeterMoEEngine:
             stats["expert_busy_here"] = self.timeline.busy_time(since, now, kinds=("E",)) / window
         stats.update(self._load_stats())
         if self.groups.is_leader and self.has_servers:
-            self.command(Op.STATS)
+            self.command(cmds.Stats())
             busy = total = 0.0
             for server in self.topology.expert_ranks:
                 server_busy, server_window = self.channel.recv_tensor_dict(server)["stats"].tolist()
@@ -516,10 +465,10 @@ class HeterMoEEngine:
 
     # ---- lifetime ---------------------------------------------------------------------------------------------
     def stop_servers(self) -> None:
-        self.command(Op.STOP)
+        self.command(cmds.Stop())
 
     def abort_servers(self, reason: str) -> None:
-        self.command(Op.ABORT, payload={"reason": reason})
+        self.command(cmds.Abort(reason=reason))
 
 
 def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:

@@ -8,7 +8,6 @@ the order the leader (global attention rank 0) issues them.
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import torch
@@ -16,14 +15,15 @@ from transformers import AutoConfig
 
 from model_patches import get_family
 
-from .comm import DTYPES, ExchangeKey, ExchangePlan, ExpertExchanger, wait
+from . import protocol as cmds
 from .config import HeterMoEConfig
-from .control import CommandChannel, Op
+from .control import CommandChannel
 from .emulation import DeviceEmulator, EmulationConfig
 from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
+from .instrumentation import Instruments
 from .placement import ExpertPlacement
-from .timeline import Timeline
+from .transport import ExchangeKey, ExchangePlan, TokenTransport, wait
 
 logger = logging.getLogger(__name__)
 
@@ -50,104 +50,130 @@ def build_setup_payload(
     }
 
 
-def _setup_shard(groups: HeterMoEGroups, channel: CommandChannel, setup: dict) -> tuple[ExpertShard, ExpertExchanger]:
-    family = get_family(setup["model_type"])
-    config_dict = dict(setup["model_config"])
-    config_dict.pop("model_type", None)
-    model_config = AutoConfig.for_model(setup["model_type"], **config_dict)
-    if setup.get("experts_implementation") is not None:
-        model_config._experts_implementation = setup["experts_implementation"]
-    placement = ExpertPlacement.from_dict(setup["placement"])
-    dtype = getattr(torch, setup["dtype"].removeprefix("torch."))
-    shard = ExpertShard(
-        family=family, model_config=model_config, placement=placement, rank=groups.rank, device=groups.device,
-        dtype=dtype, num_replicas=int(setup["num_replicas"]), recompute=bool(setup.get("expert_recompute", False)),
-    )
-    shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
-    emulation = EmulationConfig.from_dict(setup.get("emulation"))
-    if emulation is not None:
-        shard.emulator = DeviceEmulator(emulation, rank=groups.rank, model_config=model_config)
-    exchanger = ExpertExchanger(groups=groups, placement=placement, shard=shard, hidden_size=model_config.hidden_size)
-    logger.info("hetermoe: expert rank %d holds %s", groups.rank, {layer: list(e) for layer, e in shard.local.items()})
-    return shard, exchanger
+class ExpertServer:
+    """One expert rank's state: the experts of the current model and their exchanges."""
+
+    def __init__(self, groups: HeterMoEGroups, config: HeterMoEConfig | None = None):
+        self.groups = groups
+        self.config = config
+        self.channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader,
+                                      servers=groups.topology.expert_ranks)
+        self.instruments = Instruments(groups.rank)
+        self.shard: ExpertShard | None = None
+        self.transport: TokenTransport | None = None
+        self.plans: dict[ExchangeKey, ExchangePlan] = {}  # kept forwards, until their backward
+        self.stats_since = time.perf_counter()
+
+    def setup(self, setup: dict) -> None:
+        """A new model: build its experts here (replacing any earlier model's) and receive their weights."""
+        groups = self.groups
+        family = get_family(setup["model_type"])
+        config_dict = dict(setup["model_config"])
+        config_dict.pop("model_type", None)
+        model_config = AutoConfig.for_model(setup["model_type"], **config_dict)
+        if setup.get("experts_implementation") is not None:
+            model_config._experts_implementation = setup["experts_implementation"]
+        placement = ExpertPlacement.from_dict(setup["placement"])
+        dtype = getattr(torch, setup["dtype"].removeprefix("torch."))
+        shard = ExpertShard(
+            family=family, model_config=model_config, placement=placement, rank=groups.rank, device=groups.device,
+            dtype=dtype, num_replicas=int(setup["num_replicas"]), recompute=bool(setup.get("expert_recompute", False)),
+        )
+        shard.load_local_weights(self.channel.recv_tensor_dict(groups.leader))
+        emulation = EmulationConfig.from_dict(setup.get("emulation"))
+        if emulation is not None:
+            self.instruments.emulator = DeviceEmulator(emulation, rank=groups.rank, model_config=model_config)
+        shard.observer = self.instruments
+        launcher_default = self.config.check_finite if self.config is not None else True
+        shard.check_finite = bool(setup.get("check_finite", launcher_default))
+        self.shard = shard
+        self.transport = TokenTransport(groups=groups, placement=placement, hidden_size=model_config.hidden_size,
+                                        observer=self.instruments)
+        self.plans.clear()
+        logger.info("hetermoe: expert rank %d holds %s", groups.rank, {layer: list(e) for layer, e in shard.local.items()})
+
+    # ---- one handler per command ------------------------------------------------------------------------------
+    def forward(self, cmd: cmds.Forward) -> None:
+        key = ExchangeKey(session=cmd.session, layer=cmd.layer, stripe=cmd.stripe)
+        if cmd.keep:
+            for stale in [k for k in self.plans if k.session < cmd.session]:
+                del self.plans[stale]
+        plan = self.transport.serve_forward(key, self.shard, keep=cmd.keep, autocast=cmd.autocast,
+                                            row_dtype=cmd.row_dtype, seq_len=cmd.seq_len)
+        if cmd.keep:
+            self.plans[key] = plan
+
+    def backward(self, cmd: cmds.Backward) -> None:
+        key = ExchangeKey(session=cmd.session, layer=cmd.layer, stripe=cmd.stripe)
+        if key not in self.plans:
+            raise RuntimeError(f"hetermoe: expert rank {self.groups.rank} got Backward for unknown forward {key}.")
+        self.transport.serve_backward(key, self.plans.pop(key), self.shard)
+
+    def stats(self, cmd: cmds.Stats) -> None:
+        now = time.perf_counter()
+        busy = self.instruments.timeline.busy_time(self.stats_since, now, kinds=("E",))
+        self.channel.send_tensor_dict(self.groups.leader,
+                                      {"stats": torch.tensor([busy, now - self.stats_since], dtype=torch.float64)})
+        self.stats_since = now
+
+    def grad_norm(self, cmd: cmds.GradNorm) -> None:
+        sq = torch.tensor([self.shard.prepare_grads(cmd.unscale)], dtype=torch.float64)
+        wait(self.groups.control.allreduce([sq]), "the gradient-norm all-reduce", self.groups.rank)
+
+    def handle(self, cmd: cmds.Command) -> None:
+        leader = self.groups.leader
+        if isinstance(cmd, cmds.Setup):
+            self.setup(cmd.config)
+            return
+        if self.shard is None:
+            raise RuntimeError(f"hetermoe: expert rank {self.groups.rank} got {type(cmd).__name__} before any model "
+                               "was set up.")
+        if isinstance(cmd, cmds.Forward):
+            self.forward(cmd)
+        elif isinstance(cmd, cmds.Backward):
+            self.backward(cmd)
+        elif isinstance(cmd, cmds.Stats):
+            self.stats(cmd)
+        elif isinstance(cmd, cmds.OptimSetup):
+            self.shard.build_optimizer(cmd.spec["class"], cmd.spec["groups"])
+        elif isinstance(cmd, cmds.GradNorm):
+            self.grad_norm(cmd)
+        elif isinstance(cmd, cmds.Step):
+            self.shard.step(lrs=list(cmd.lrs), clip_coef=cmd.clip_coef, skipped=cmd.skipped)
+        elif isinstance(cmd, cmds.FetchWeights):
+            self.channel.send_tensor_dict(leader, self.shard.local_weights())
+        elif isinstance(cmd, cmds.LoadWeights):
+            self.shard.load_local_weights(self.channel.recv_tensor_dict(leader))
+        elif isinstance(cmd, cmds.FetchOptim):
+            self.channel.send_tensor_dict(leader, self.shard.optimizer_state())
+        elif isinstance(cmd, cmds.LoadOptim):
+            self.shard.load_optimizer_state(self.channel.recv_tensor_dict(leader))
+        else:
+            raise RuntimeError(f"hetermoe: expert rank {self.groups.rank} got unexpected command {cmd!r}.")
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.flush()  # results sent without waiting must leave before the process does
+        self.instruments.write_trace_if_asked()
 
 
 def serve(groups: HeterMoEGroups, config: HeterMoEConfig | None = None) -> None:
-    """Run the expert server on this rank until the leader sends STOP.
+    """Run the expert server on this rank until the leader sends Stop.
 
-    Each SETUP (one per model the attention ranks patch) replaces the experts held here. `config` is the
+    Each Setup (one per model the attention ranks patch) replaces the experts held here. `config` is the
     launcher's config (this rank reads the same file); the server takes `check_finite` from it.
     """
-    channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader, servers=groups.topology.expert_ranks)
-    shard: ExpertShard | None = None
-    exchanger: ExpertExchanger | None = None
-    plans: dict[ExchangeKey, ExchangePlan] = {}
-    timeline = Timeline(groups.rank)
-    stats_since = time.perf_counter()
-
+    server = ExpertServer(groups, config)
     while True:
-        cmd = channel.receive()
-        op = cmd.op
-        if op == Op.STOP:
-            if exchanger is not None:
-                exchanger.flush()  # results sent without waiting must leave before the process does
-            if os.environ.get("HETERMOE_TRACE"):
-                timeline.write_chrome_trace(os.environ["HETERMOE_TRACE"])
+        cmd = server.channel.receive()
+        if isinstance(cmd, cmds.Stop):
+            server.stop()
             return
         _check_not_aborted(cmd, groups.rank, groups.leader)
-        if op == Op.SETUP:
-            shard, exchanger = _setup_shard(groups, channel, cmd.payload)
-            shard.timeline = timeline
-            launcher_default = config.check_finite if config is not None else True
-            shard.check_finite = bool(cmd.payload.get("check_finite", launcher_default))
-            plans.clear()
-            continue
-        if shard is None:
-            raise RuntimeError(f"hetermoe: expert rank {groups.rank} got {op.name} before any model was set up.")
-        if op == Op.FORWARD:
-            layer, stripe, session, keep, autocast_code, row_code, seq_len = cmd.ints[:7]
-            key = ExchangeKey(session=session, layer=layer, stripe=stripe)
-            if keep:
-                for stale in [k for k in plans if k.session < session]:
-                    del plans[stale]
-            _, plan = exchanger.forward(
-                key, None, None, keep=bool(keep), autocast_dtype=DTYPES[autocast_code], row_dtype=DTYPES[row_code],
-                seq_len=seq_len,
-            )
-            if keep:
-                plans[key] = plan
-        elif op == Op.BACKWARD:
-            layer, stripe, session = cmd.ints[:3]
-            key = ExchangeKey(session=session, layer=layer, stripe=stripe)
-            if key not in plans:
-                raise RuntimeError(f"hetermoe: expert rank {groups.rank} got BACKWARD for unknown forward {key}.")
-            exchanger.backward(key, plans.pop(key), None)
-        elif op == Op.STATS:
-            now = time.perf_counter()
-            busy = timeline.busy_time(stats_since, now, kinds=("E",))
-            channel.send_tensor_dict(groups.leader, {"stats": torch.tensor([busy, now - stats_since], dtype=torch.float64)})
-            stats_since = now
-        elif op == Op.OPTIM_SETUP:
-            shard.build_optimizer(cmd.payload["class"], cmd.payload["groups"])
-        elif op == Op.GRAD_NORM:
-            sq = torch.tensor([shard.prepare_grads(cmd.floats[0])], dtype=torch.float64)
-            wait(groups.control.allreduce([sq]), "the gradient-norm all-reduce", groups.rank)
-        elif op == Op.STEP:
-            shard.step(lrs=list(cmd.floats[1:]), clip_coef=cmd.floats[0], skipped=bool(cmd.ints[0]))
-        elif op == Op.FETCH_WEIGHTS:
-            channel.send_tensor_dict(groups.leader, shard.local_weights())
-        elif op == Op.LOAD_WEIGHTS:
-            shard.load_local_weights(channel.recv_tensor_dict(groups.leader))
-        elif op == Op.FETCH_OPTIM:
-            channel.send_tensor_dict(groups.leader, shard.optimizer_state())
-        elif op == Op.LOAD_OPTIM:
-            shard.load_optimizer_state(channel.recv_tensor_dict(groups.leader))
-        else:
-            raise RuntimeError(f"hetermoe: expert rank {groups.rank} got unexpected command {op.name}.")
+        server.handle(cmd)
 
 
-def _check_not_aborted(cmd, rank: int, leader: int) -> None:
-    if cmd.op == Op.ABORT:
-        reason = (cmd.payload or {}).get("reason", "no reason given")
+def _check_not_aborted(cmd: cmds.Command, rank: int, leader: int) -> None:
+    if isinstance(cmd, cmds.Abort):
         raise ServerAborted(f"hetermoe: expert rank {rank} stopped because the attention ranks failed (it was waiting "
-                            f"for the next command from the leader, rank {leader}): {reason}")
+                            f"for the next command from the leader, rank {leader}): {cmd.reason}")

@@ -17,15 +17,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from .comm import ExchangeKey
+from .instrumentation import DataPathObserver
 from .numerics import FiniteMonitor
 from .placement import ExpertPlacement
+from .transport import ExchangeKey
 
 # Optimizer hyperparameters that are bookkeeping added by schedulers, not constructor arguments.
 _NOT_HYPERPARAMS = {"params", "initial_lr"}
@@ -85,11 +85,10 @@ class ExpertShard:
                 module = family.make_local_experts(model_config, len(experts))
                 self.modules[layer] = module.to(device=device, dtype=dtype)
         self.saved: dict[ExchangeKey, tuple] = {}
-        self.timeline = None  # a Timeline, set by the owner, records E tasks
-        self.emulator = None  # a DeviceEmulator, set by the owner when emulating devices
+        self.observer = DataPathObserver()  # the owner's instrumentation (timeline, device emulation)
         self.optimizer: torch.optim.Optimizer | None = None
         self._grads_prepared = False
-        # (issue 6) NaN/inf in expert outputs and gradients, reported per layer/expert/rank (numerics.py).
+        # NaN/inf in expert outputs and gradients, reported per layer/expert/rank (numerics.py).
         self.check_finite = True
         self.finite = FiniteMonitor(rank)
 
@@ -147,16 +146,15 @@ class ExpertShard:
             weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
             return self.modules[layer](x, index_R1, weight_R1)
 
-    def _emulate(self, direction: str, layer: int, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
-        if self.emulator is not None:
-            rows = torch.bincount(local_expert_R, minlength=len(self.local[layer])).tolist()
-            self.emulator.pad(start, self.emulator.experts_s(direction, rows_per_expert=rows, real_seq_len=seq_len))
+    def _report(self, direction: str, key: ExchangeKey, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
+        rows = torch.bincount(local_expert_R, minlength=len(self.local[key.layer])).tolist()
+        self.observer.experts_done(direction, key.layer, key.stripe, start, rows_per_expert=rows, seq_len=seq_len)
 
     def forward(
         self, key: ExchangeKey, x_RH: torch.Tensor, local_expert_R: torch.Tensor, *, keep: bool,
         autocast_dtype: torch.dtype | None, seq_len: int = 1,
     ) -> torch.Tensor:
-        start = time.perf_counter()
+        start = self.observer.now()
         if keep:
             self._drop_sessions_before(key.session)
         x = x_RH.detach().requires_grad_(keep)
@@ -164,15 +162,13 @@ class ExpertShard:
         if keep:
             # With recompute, only the inputs stay; the graph is rebuilt in backward.
             self.saved[key] = (x, local_expert_R if self.recompute else y, autocast_dtype, local_expert_R, seq_len)
-        self._emulate("F", key.layer, local_expert_R, seq_len, start)
-        if self.timeline is not None:
-            self.timeline.record("E", "F", key.layer, key.stripe, start)
-        if self.check_finite:  # (issue 6)
+        self._report("F", key, local_expert_R, seq_len, start)
+        if self.check_finite:  # docs/reliability.md, "NaN reports"
             self.finite.rows("the output", key.layer, y, local_expert_R, len(self.local[key.layer]))
         return y.detach()
 
     def backward(self, key: ExchangeKey, dy_RH: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
+        start = self.observer.now()
         if key not in self.saved:
             raise RuntimeError(
                 f"hetermoe: rank {self.rank} has no saved activations for layer {key.layer} stripe {key.stripe} "
@@ -182,11 +178,9 @@ class ExpertShard:
         y = self._run(key.layer, x, y_or_index, True, autocast_dtype) if self.recompute else y_or_index
         if x.shape[0] and y.requires_grad:
             torch.autograd.backward(y, dy_RH.to(y.dtype))
-        self._emulate("B", key.layer, local_expert_R, seq_len, start)
-        if self.timeline is not None:
-            self.timeline.record("E", "B", key.layer, key.stripe, start)
+        self._report("B", key, local_expert_R, seq_len, start)
         dx = x.grad if x.grad is not None else torch.zeros_like(x)
-        if self.check_finite:  # (issue 6)
+        if self.check_finite:  # docs/reliability.md, "NaN reports"
             self.finite.rows("the input gradient", key.layer, dx, local_expert_R, len(self.local[key.layer]))
         return dx
 
@@ -211,7 +205,7 @@ class ExpertShard:
         total = torch.zeros((), dtype=torch.float64)
         for p in self.parameters():
             total += p.grad.detach().double().pow(2).sum().cpu()
-        if self.check_finite and first_call:  # (issue 6) once per step; scans gradients only if `total` is not finite
+        if self.check_finite and first_call:  # once per step; scans gradients only if `total` is not finite
             self.finite.end_step(float(total), self)
         return float(total)
 

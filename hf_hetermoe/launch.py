@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from . import health
 from .config import HeterMoEConfig, Topology
-from .control import CommandChannel, Op
+from . import protocol
+from .control import CommandChannel
 from .groups import HeterMoEGroups
 from .health import HealthMonitor
 from .versions import check_versions
@@ -230,7 +231,7 @@ def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store:
             reason = line.removeprefix("hetermoe: ") or (
                 "attention rank 0: " + "".join(traceback.format_exception_only(type(exc), exc)).strip())
             with contextlib.suppress(Exception):
-                channel.broadcast(Op.ABORT, payload={"reason": reason})
+                channel.broadcast(protocol.Abort(reason=reason))
                 channel.flush(timeout_s=min(config.timeout_s, 30.0))  # a dead or stuck server must not hold us
         raise
     _stop_servers(channel, groups)
@@ -238,7 +239,7 @@ def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store:
 
 def _stop_servers(channel: CommandChannel, groups: HeterMoEGroups) -> None:
     if groups.is_leader and groups.topology.expert_ranks:
-        channel.broadcast(Op.STOP)
+        channel.broadcast(protocol.Stop())
         channel.flush()  # commands travel in order on one connection: STOP sent means all earlier ones were
 
 

@@ -21,9 +21,9 @@ from model_patches import get_family
 
 from .block import HeterMoEExperts
 from .checkpoint import ExpertStateHooks
-from .comm import wait
+from .transport import wait
 from .config import HeterMoEConfig
-from .control import Op
+from . import protocol
 from .engine import HeterMoEEngine
 from .expert_server import build_setup_payload
 from .expert_shard import ExpertShard
@@ -169,7 +169,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             expert_recompute=config.zebra.expert_recompute, emulation=config.emulation,
             check_finite=config.check_finite,
         )
-        engine.command(Op.SETUP, payload=payload)
+        engine.command(protocol.Setup(config=payload))
         engine.send_slices_to_servers(full)
     # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
     engine.expert_specs = {name: (tuple(t.shape), t.dtype) for name, t in full[slots[0].layer].items()}
@@ -189,11 +189,11 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine)
     engine.install_model_hooks(model)
     stripes = config.zebra.stripes(groups.topology.mode)
-    if stripes > 1 and engine.async_exchanger is None:
+    if stripes > 1 and not engine.has_servers:
         raise ValueError(
             f"hetermoe: zebra.microbatches={stripes} needs expert ranks (disaggregated mode); use microbatches 1 here."
         )
-    if engine.async_exchanger is not None:
+    if engine.has_servers:
         # With expert servers, training always runs the zebra runner; R = 1 is the DistEP schedule.
         runner = ZebraRunner(base_model=model.base_model, engine=engine, microbatches=stripes,
                              moe_layers=placement.layers)

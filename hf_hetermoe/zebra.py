@@ -31,14 +31,13 @@ Legend: R stripes, B batch rows, T tokens, P (token, k) pairs, H hidden.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .comm import ExchangeKey, ExchangePlan, PendingExchange
+from .transport import ExchangeKey, ExchangePlan, PendingExchange
 from .engine import _in_backward
 
 _local = threading.local()  # .ctx = (run, stripe) while a stripe runs; .task_start for the timeline
@@ -204,7 +203,7 @@ class ZebraRunner:
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _applies(self, args: tuple, kwargs: dict) -> bool:
-        if self.engine.async_exchanger is None or args:
+        if not self.engine.has_servers or args:
             return False
         if not (self.base.training and torch.is_grad_enabled()) or torch.is_inference_mode_enabled():
             return False
@@ -262,7 +261,7 @@ class ZebraRunner:
         try:
             with torch.set_grad_enabled(grad_enabled), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 run.baton.acquire(stripe)
-                _local.task_start = time.perf_counter()
+                _local.task_start = self.engine.instruments.now()
                 start, stop = run.rows[stripe]
                 if stop > start:
                     x = embeds[start:stop].detach().requires_grad_(embeds.requires_grad)
@@ -271,7 +270,8 @@ class ZebraRunner:
                         inputs_embeds=x, **_slice_batch(kwargs, start, stop, embeds.shape[0]))
                 else:
                     self._empty_stripe_forward(run, stripe)
-                self.engine.timeline.record("A", "F", len(self.layers), stripe, _local.task_start)
+                # The top stage (after the last exchange) is not padded under emulation: num_seqs=0.
+                self.engine.instruments.attention_done("F", len(self.layers), stripe, _local.task_start, num_seqs=0)
         except _Aborted:
             pass
         except BaseException as exc:  # handed to the main thread, which re-raises it
@@ -293,28 +293,29 @@ class ZebraRunner:
     # ---- backward ---------------------------------------------------------------------------------------------
     def backward(self, run: ZebraRun, g_hidden: torch.Tensor | None, g_logits: list) -> torch.Tensor | None:
         engine = self.engine
+        instruments = engine.instruments
         stripes = range(run.num_stripes)
         top = len(self.layers) - 1
         g_rows = [self._rows_of(g_hidden, run, j) for j in stripes]
         pending: dict[tuple[int, int], PendingExchange | None] = {}
         g_seg: list[torch.Tensor | None] = list(g_rows)
         for j in stripes:  # top stage: dy of the last layer's experts, for every stripe
-            start = time.perf_counter()
+            start = instruments.now()
             pending[(top, j)] = self._stage1(run, top, j, run.hidden(j), g_seg[j])
-            engine.timeline.record("A", "B", top, j, start)
+            instruments.attention_done("B", top, j, start, num_seqs=0)
         engine.finish_local_backward(top)
         for layer in reversed(range(len(self.layers))):
             for j in stripes:
                 exchange = pending.pop((layer, j), None)
                 dx = exchange.wait() if exchange is not None else None  # waiting is not attention work
-                start = time.perf_counter()
+                start = instruments.now()
                 out = run.hidden(j) if layer == top else run.segment(layer, j).out
                 g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, dx)
-                engine.pad_attention("B", run.rows[j][1] - run.rows[j][0], start)
+                # The task ends where this stripe's output gradients for the layer below leave.
+                instruments.attention_done("B", layer - 1, j, start, num_seqs=run.rows[j][1] - run.rows[j][0])
                 if layer > 0:
                     below = run.segment(layer - 1, j).out
                     pending[(layer - 1, j)] = self._stage1(run, layer - 1, j, below, g_seg[j])
-                engine.timeline.record("A", "B", layer - 1, j, start)
             if layer > 0:
                 engine.finish_local_backward(layer - 1)
             params = list(self.layers[layer].parameters())
@@ -398,18 +399,16 @@ def exchange_in_stripe(engine: Any, layer: int, x_PH: torch.Tensor, counts_E: to
     keep = torch.is_grad_enabled() and x_PH.requires_grad
     autocast_on, autocast_dtype = _autocast_state(x_PH.device.type)
     start, stop = run.rows[stripe]
-    engine.pad_attention("F", stop - start, _local.task_start)
-    issued = time.perf_counter()
-    engine.timeline.record("A", "F", layer, stripe, _local.task_start, issued)
+    issued = engine.instruments.attention_done("F", layer, stripe, _local.task_start, num_seqs=stop - start)
     pending, plan = engine.issue_forward(key, x_PH.detach(), counts_E, keep=keep,
                                          autocast=autocast_dtype if autocast_on else None)
     if stripe == run.num_stripes - 1:
         engine.finish_local_forward(layer)  # Asym-EA: experts held here run after all stripes' attention
     run.baton.pass_on(stripe)
     y_PH = pending.wait()
-    engine.timeline.record("D", "F", layer, stripe, issued)
+    engine.instruments.exchange_done("D", "F", key, issued)
     run.baton.acquire(stripe)
-    _local.task_start = time.perf_counter()
+    _local.task_start = engine.instruments.now()
     y_leaf = y_PH.detach().requires_grad_(keep)
     seg.exchange = Exchange(x_PH=x_PH, y_leaf=y_leaf, key=key, plan=plan)
     return y_leaf

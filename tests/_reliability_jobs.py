@@ -106,16 +106,16 @@ def train_or_serve(launcher_config: dict, runs: list[tuple[str, dict]]) -> dict[
     base: list[int] = []
     collect = _Collect()
     logging.getLogger("hf_hetermoe.numerics").addHandler(collect)
-    original_setup = expert_server._setup_shard
+    original_setup = expert_server.ExpertServer.setup
 
-    def measured_setup(groups, channel, payload):
+    def measured_setup(server, payload):
         if base:  # the previous model's peak, above its baseline
             peaks_kib.append(_hwm_and_rss_kib()[0] - base[-1])
         _reset_peak()
         base.append(_hwm_and_rss_kib()[1])
-        return original_setup(groups, channel, payload)
+        return original_setup(server, payload)
 
-    expert_server._setup_shard = measured_setup
+    expert_server.ExpertServer.setup = measured_setup
 
     def attention_main() -> None:
         for kind, spec in runs:

@@ -1,6 +1,9 @@
 """The command channel (leader -> expert servers): what the leader keeps while commands are in flight."""
 
-from hf_hetermoe.control import CommandChannel, Op
+import torch
+
+from hf_hetermoe import protocol
+from hf_hetermoe.control import CommandChannel
 
 
 class _SendWork:
@@ -30,7 +33,8 @@ def test_commands_in_flight_stay_bounded_over_a_long_run():
     group = _Group()
     channel = CommandChannel(group, rank=0, leader=0, servers=(1, 2))
     for step in range(2000):
-        channel.broadcast(Op.FORWARD, ints=(0, 0, step, 1, 0, 1, 16))
+        channel.broadcast(protocol.Forward(layer=0, stripe=0, session=step, keep=True, autocast=None,
+                                           row_dtype=torch.float32, seq_len=16))
         assert len(channel._in_flight) <= 64
     assert sum(w.waited for w in group.works) >= len(group.works) - 64  # the older ones were waited on
     channel.flush()

@@ -170,7 +170,7 @@ class HeterMoECallback(TrainerCallback):
             if "loss" in logs:  # a training log: add how busy each pool was since the previous one
                 for key, value in engine.pool_busy(self._stats_since).items():
                     logs[f"hetermoe_{key}"] = round(value, 4)
-                if engine.emulator is not None:
+                if engine.instruments.emulator is not None:
                     logs["hetermoe_emulated_devices"] = ",".join(engine.config.emulation.devices)
                 self._stats_since = time.perf_counter()
             return original_log(logs, *args, **kwargs)

@@ -1,0 +1,338 @@
+"""The token transport: one asynchronous dispatch/combine exchange per (layer, stripe), for every rank.
+
+Every rank of the world takes part in every exchange, with uneven (possibly zero) splits, so every collective
+is entered in the same order everywhere. Three kinds of rank use the same code:
+- an attention rank sends rows and gets results back (`dispatch_forward` / `dispatch_backward`, then `wait()`);
+- an expert server receives rows, computes, and returns results (`serve_forward` / `serve_backward`);
+- an attention rank that holds experts (Asym-EA, colocated mode) does both: rows for its own experts wait
+  until `finish_layer`, which computes them and issues their combine.
+The synchronous case (outside zebra) is issue-then-wait. See docs/architecture.md ("Token transport").
+
+One exchange, forward (backward is the same without the counts, with gradients):
+  1. counts for experts held on attention ranks: all-to-all on the attention group (ranks in step anyway);
+  2. counts for experts held on servers: all-to-all on the dispatch group (attention ranks only send, so an
+     attention rank never waits for a busy server);
+  3. rows: one all-to-all on the dispatch group reaches servers and attention holders;
+  4. results: one all-to-all on the combine group (separate from dispatch, so the two directions have
+     independent operation orders).
+
+Legend: P = (token, k) pairs a rank sends (rows sorted by (holder rank, expert)), R = rows a holder receives,
+H = hidden size, E = experts per layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from . import health
+from .instrumentation import DataPathObserver
+
+if TYPE_CHECKING:
+    from .expert_shard import ExpertShard
+    from .groups import HeterMoEGroups
+    from .placement import ExpertPlacement
+
+
+@dataclass(frozen=True)
+class ExchangeKey:
+    session: int  # which model forward
+    layer: int
+    stripe: int
+
+
+@dataclass
+class ExchangePlan:
+    """Row counts of one (layer, stripe) exchange, as seen by this rank."""
+
+    send_splits: list[int]  # rows this rank dispatches to each rank
+    recv_splits: list[int]  # rows this rank receives from each rank
+    recv_local_expert_R: torch.Tensor | None  # holders: local expert index of each received row
+    row_dtype: torch.dtype
+
+
+def wait(work: Any, what: str, rank: int) -> None:
+    """Wait for a collective and name the operation if it fails (dead peer, timeout); see health.py."""
+    health.wait(work, what, rank)
+
+
+def _all_to_all(group: Any, recv: torch.Tensor, send: torch.Tensor, recv_splits: list[int], send_splits: list[int]):
+    return group.alltoall_base(recv, send.contiguous(), recv_splits, send_splits, dist.AllToAllOptions())
+
+
+class PendingExchange:
+    """The collectives of one exchange in flight; `wait()` returns the received rows.
+
+    When this rank holds experts of the layer, its combine is issued only by `finish_layer`, so the combine
+    is attached later (`attach`) and `wait()` blocks until then."""
+
+    def __init__(self, *, rank: int):
+        self.rank = rank
+        self.result: torch.Tensor | None = None
+        self.works: list[tuple[Any, str]] = []
+        self.keep_alive: list[torch.Tensor] = []  # send buffers must live until their collective completes
+        self._ready = threading.Event()
+
+    def attach(self, works: list[tuple[Any, str]], result: torch.Tensor, keep_alive: tuple = ()) -> None:
+        self.works += works
+        self.result = result
+        self.keep_alive += list(keep_alive)
+        self._ready.set()
+
+    def wait(self) -> torch.Tensor:
+        self._ready.wait()
+        for work, what in self.works:
+            wait(work, what, self.rank)
+        return self.result
+
+
+class ReceiveBuffers:
+    """Receive buffers reused across steps, one per (layer, stripe, use), grown when a step needs more rows."""
+
+    def __init__(self, hidden_size: int, device: torch.device):
+        self.hidden_size = hidden_size
+        self.device = device
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple | None, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """A `(rows, H)` buffer; `key=None` gives a fresh tensor (the caller keeps it beyond the next step)."""
+        if key is None:
+            return torch.empty(rows, self.hidden_size, dtype=dtype, device=self.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows or buf.dtype != dtype:
+            buf = torch.empty(max(rows, 1), self.hidden_size, dtype=dtype, device=self.device)
+            self._buffers[key] = buf
+        return buf[:rows]
+
+
+@dataclass
+class _HeldRows:
+    """Rows this attention rank received for its own experts, waiting for `finish_layer`."""
+
+    key: ExchangeKey
+    direction: str
+    plan: ExchangePlan
+    rows: torch.Tensor
+    work: tuple[Any, str]
+    pending: PendingExchange
+    keep: bool = False
+    autocast: torch.dtype | None = None
+    seq_len: int = 1
+    reuse: bool = True
+
+
+@dataclass
+class SplitArithmetic:
+    """Who holds which experts, and the splits that follow from per-expert counts (no communication)."""
+
+    placement: "ExpertPlacement"
+    world: int
+    attention_ranks: tuple[int, ...]
+    servers: tuple[int, ...]
+    local_of: dict[int, list[tuple[int, ...]]] = field(init=False)  # layer -> rank -> its experts, local order
+
+    def __post_init__(self) -> None:
+        self.local_of = {
+            layer: [self.placement.local_experts(r, layer) for r in range(self.world)] for layer in self.placement.layers
+        }
+
+    def send_splits(self, layer: int, counts_E: torch.Tensor) -> list[int]:
+        """Rows an attention rank sends to each rank: the pairs routed to that rank's experts."""
+        return [int(counts_E[list(experts)].sum()) for experts in self.local_of[layer]]
+
+    def server_counts(self, layer: int, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The per-expert counts an attention rank sends to the servers, and their splits per rank."""
+        local_of = self.local_of[layer]
+        parts = [counts_E[list(local_of[d])] for d in self.servers]
+        send = torch.cat(parts).to(torch.int64) if parts else torch.zeros(0, dtype=torch.int64)
+        splits = [len(local_of[d]) if d in self.servers else 0 for d in range(self.world)]
+        return send, splits
+
+    def server_recv_count_splits(self, layer: int, rank: int) -> list[int]:
+        """A server receives, from every attention rank, one count per expert it holds."""
+        mine = len(self.local_of[layer][rank])
+        return [mine if r in self.attention_ranks else 0 for r in range(self.world)]
+
+    def attention_holds_any(self, layer: int) -> bool:
+        return any(self.local_of[layer][a] for a in self.attention_ranks)
+
+    def attention_counts(self, layer: int, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Counts an attention rank sends to each attention rank (its experts of `layer`), in attention order."""
+        local_of = self.local_of[layer]
+        send = torch.cat([counts_E[list(local_of[a])] for a in self.attention_ranks]).to(torch.int64)
+        return send, [len(local_of[a]) for a in self.attention_ranks]
+
+    def holder_plan(self, layer: int, rank: int, sources: tuple[int, ...], per_source_counts: torch.Tensor,
+                    send_splits: list[int], row_dtype: torch.dtype) -> ExchangePlan:
+        """A holder's plan from the counts it received: `per_source_counts` is (len(sources), experts held)."""
+        mine = len(self.local_of[layer][rank])
+        recv_splits = [0] * self.world
+        local_expert_R = None
+        if mine:
+            per_source_counts = per_source_counts.reshape(len(sources), mine)
+            for i, src in enumerate(sources):
+                recv_splits[src] = int(per_source_counts[i].sum())
+            ids = torch.arange(mine, dtype=torch.int64).repeat(len(sources))
+            local_expert_R = torch.repeat_interleave(ids, per_source_counts.reshape(-1))
+        return ExchangePlan(send_splits=send_splits, recv_splits=recv_splits, recv_local_expert_R=local_expert_R,
+                            row_dtype=row_dtype)
+
+
+class TokenTransport:
+    """The exchanges of one rank for one patched model."""
+
+    def __init__(self, *, groups: "HeterMoEGroups", placement: "ExpertPlacement", hidden_size: int,
+                 observer: DataPathObserver | None = None):
+        topology = groups.topology
+        self.groups = groups
+        self.rank = groups.rank
+        self.world = groups.world_size
+        self.is_attention = groups.is_attention
+        self.splits = SplitArithmetic(placement=placement, world=self.world,
+                                      attention_ranks=tuple(topology.attention_ranks),
+                                      servers=tuple(topology.expert_ranks))
+        self.buffers = ReceiveBuffers(hidden_size, groups.device)
+        self.observer = observer or DataPathObserver()
+        self._held: dict[int, list[_HeldRows]] = {}  # layer -> rows waiting for local compute, in issue order
+        # Servers send results without waiting (their buffers stay referenced here until gloo reports the send
+        # complete), so they take the next stripe's rows while the previous results are still in flight.
+        self._sends_in_flight: list[tuple[Any, str, torch.Tensor]] = []
+
+    def holds(self, layer: int) -> bool:
+        return bool(self.splits.local_of[layer][self.rank])
+
+    # ---- attention side -------------------------------------------------------------------------------------
+    def _counts_from_attention(self, layer: int, counts_E: torch.Tensor) -> torch.Tensor | None:
+        """Counts of this rank's experts from every attention rank (None: no attention rank holds any)."""
+        if not self.splits.attention_holds_any(layer):
+            return None
+        send, send_splits = self.splits.attention_counts(layer, counts_E)
+        mine = len(self.splits.local_of[layer][self.rank])
+        group = self.groups.attention
+        if group is None:
+            return send
+        num = len(self.splits.attention_ranks)
+        recv = torch.empty(mine * num, dtype=torch.int64, device=self.groups.device)
+        work = _all_to_all(group, recv, send.to(self.groups.device), [mine] * num, send_splits)
+        wait(work, f"the attention-held expert counts of layer {layer}", self.rank)
+        return recv.cpu()
+
+    def dispatch_forward(self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool,
+                         autocast: torch.dtype | None, seq_len: int, reuse_buffers: bool = True,
+                         ) -> tuple[PendingExchange, ExchangePlan]:
+        """Issue one forward exchange of rows sorted by (holder, expert); `wait()` on the result gives y_PH."""
+        layer, split = key.layer, self.splits
+        send_splits = split.send_splits(layer, counts_E)
+        held_counts = self._counts_from_attention(layer, counts_E)
+        if held_counts is not None and self.holds(layer):
+            plan = split.holder_plan(layer, self.rank, split.attention_ranks, held_counts, send_splits, x_PH.dtype)
+        else:
+            plan = ExchangePlan(send_splits=send_splits, recv_splits=[0] * self.world, recv_local_expert_R=None,
+                                row_dtype=x_PH.dtype)
+        pending = PendingExchange(rank=self.rank)
+        if split.servers:
+            counts, count_splits = split.server_counts(layer, counts_E)
+            empty = torch.empty(0, dtype=torch.int64)
+            pending.keep_alive += [counts, empty]
+            pending.works.append((_all_to_all(self.groups.dispatch, empty, counts, [0] * self.world, count_splits),
+                                  f"the expert-count exchange of layer {layer}"))
+        self._dispatch(pending, key, "F", x_PH.contiguous(), plan, reuse_buffers,
+                       keep=keep, autocast=autocast, seq_len=seq_len)
+        return pending, plan
+
+    def dispatch_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
+                          reuse_buffers: bool = True) -> PendingExchange:
+        """Issue the backward exchange of a forward: output gradients out, input gradients back."""
+        pending = PendingExchange(rank=self.rank)
+        self._dispatch(pending, key, "B", dy_PH.to(plan.row_dtype).contiguous(), plan, reuse_buffers)
+        return pending
+
+    def _dispatch(self, pending: PendingExchange, key: ExchangeKey, direction: str, send: torch.Tensor,
+                  plan: ExchangePlan, reuse: bool, **held_info: Any) -> None:
+        name = "forward" if direction == "F" else "backward"
+        rows_key = (key.layer, key.stripe, "held-" + direction) if reuse else None
+        rows_in = self.buffers.get(rows_key, sum(plan.recv_splits), plan.row_dtype)
+        pending.keep_alive.append(send)
+        work = _all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits)
+        what = f"the dispatch of layer {key.layer} stripe {key.stripe} ({name})"
+        if plan.recv_local_expert_R is None:
+            pending.works.append((work, what))
+            self._issue_combine(pending, key, direction, send.new_empty((0, send.shape[1])), plan, reuse)
+        else:
+            self._held.setdefault(key.layer, []).append(_HeldRows(
+                key=key, direction=direction, plan=plan, rows=rows_in, work=(work, what), pending=pending,
+                reuse=reuse, **held_info))
+
+    def _issue_combine(self, pending: PendingExchange, key: ExchangeKey, direction: str, send: torch.Tensor,
+                       plan: ExchangePlan, reuse: bool) -> None:
+        out_key = (key.layer, key.stripe, direction) if reuse else None
+        out = self.buffers.get(out_key, sum(plan.send_splits), plan.row_dtype)
+        work = _all_to_all(self.groups.combine, out, send.to(plan.row_dtype), plan.send_splits, plan.recv_splits)
+        name = "forward" if direction == "F" else "backward"
+        pending.attach([(work, f"the combine of layer {key.layer} stripe {key.stripe} ({name})")], out, (send,))
+
+    def finish_layer(self, layer: int, shard: "ExpertShard | None") -> None:
+        """Compute this rank's experts for every exchange of `layer` issued so far, then issue their combines
+        (zebra: after all stripes' attention of the layer; synchronous path: right after the dispatch)."""
+        for held in self._held.pop(layer, []):
+            wait(*held.work, self.rank)
+            if held.direction == "F":
+                result = shard.forward(held.key, held.rows, held.plan.recv_local_expert_R, keep=held.keep,
+                                       autocast_dtype=held.autocast, seq_len=held.seq_len)
+            else:
+                result = shard.backward(held.key, held.rows)
+            self._issue_combine(held.pending, held.key, held.direction, result, held.plan, held.reuse)
+
+    # ---- server side ------------------------------------------------------------------------------------------
+    def serve_forward(self, key: ExchangeKey, shard: "ExpertShard", *, keep: bool, autocast: torch.dtype | None,
+                      row_dtype: torch.dtype, seq_len: int) -> ExchangePlan:
+        """Expert server: receive the counts and rows of one exchange, run the experts, send the results."""
+        layer, split = key.layer, self.splits
+        start = self.observer.now()
+        recv_count_splits = split.server_recv_count_splits(layer, self.rank)
+        counts = torch.empty(sum(recv_count_splits), dtype=torch.int64)
+        wait(_all_to_all(self.groups.dispatch, counts, torch.empty(0, dtype=torch.int64), recv_count_splits,
+                         [0] * self.world), f"the expert-count exchange of layer {layer}", self.rank)
+        plan = split.holder_plan(layer, self.rank, split.attention_ranks, counts, [0] * self.world, row_dtype)
+        x_RH = self._receive_rows(key, "forward", plan)
+        self.observer.exchange_done("D", "F", key, start)
+        if plan.recv_local_expert_R is not None:
+            y_RH = shard.forward(key, x_RH, plan.recv_local_expert_R, keep=keep, autocast_dtype=autocast,
+                                 seq_len=seq_len)
+        else:
+            y_RH = x_RH  # nothing of this layer held here: empty
+        self._send_without_waiting(y_RH.to(row_dtype), plan, f"the combine of layer {layer} (forward)")
+        return plan
+
+    def serve_backward(self, key: ExchangeKey, plan: ExchangePlan, shard: "ExpertShard") -> None:
+        dy_RH = self._receive_rows(key, "backward", plan)
+        dx_RH = shard.backward(key, dy_RH) if plan.recv_local_expert_R is not None else dy_RH
+        self._send_without_waiting(dx_RH.to(plan.row_dtype), plan, f"the combine of layer {key.layer} (backward)")
+
+    def _receive_rows(self, key: ExchangeKey, name: str, plan: ExchangePlan) -> torch.Tensor:
+        rows = self.buffers.get(None, sum(plan.recv_splits), plan.row_dtype)
+        empty = rows.new_empty((0, rows.shape[1]))
+        wait(_all_to_all(self.groups.dispatch, rows, empty, plan.recv_splits, [0] * self.world),
+             f"the dispatch of layer {key.layer} ({name})", self.rank)
+        return rows
+
+    def _send_without_waiting(self, send: torch.Tensor, plan: ExchangePlan, what: str) -> None:
+        still = []
+        for work, name, tensor in self._sends_in_flight:
+            if work.is_completed():
+                wait(work, name, self.rank)  # surfaces a failed send
+            else:
+                still.append((work, name, tensor))
+        recv = send.new_empty((0, *send.shape[1:]))
+        work = _all_to_all(self.groups.combine, recv, send, [0] * self.world, plan.recv_splits)
+        self._sends_in_flight = still + [(work, what, send)]
+
+    def flush(self) -> None:
+        """Wait for every send still in flight (before the server answers anything else, and before exit)."""
+        for work, name, _ in self._sends_in_flight:
+            wait(work, name, self.rank)
+        self._sends_in_flight.clear()
