@@ -135,8 +135,8 @@ class HeterMoEEngine:
         start = self.instruments.now()
         # Fresh receive buffers: the results may be kept (checkpoint recompute) past the next forward.
         pending, plan = self.issue_forward(key, x_PH.detach(), counts_E, keep=keep, autocast=autocast,
-                                           reuse_buffers=False)
-        self.finish_local_forward(layer)
+                                           last_stripe=True, reuse_buffers=False)
+        self.finish_layer(layer)
         y_PH = pending.wait()
         self.instruments.exchange_done("D", "F", key, start)
         self.model_hooks.attention_resumed["F"] = self.instruments.now()
@@ -149,8 +149,8 @@ class HeterMoEEngine:
         key, plan, num_tokens = handle
         self._attention_task("B", key.layer, num_tokens)
         self._outputs.pop(key.layer, None)
-        pending = self.issue_backward(key, plan, dy_PH, reuse_buffers=False)
-        self.finish_local_backward(key.layer)
+        pending = self.issue_backward(key, plan, dy_PH, last_stripe=True, reuse_buffers=False)
+        self.finish_layer(key.layer)
         dx = pending.wait()
         self.model_hooks.attention_resumed["B"] = self.instruments.now()
         return dx
@@ -172,33 +172,29 @@ class HeterMoEEngine:
 
     def issue_forward(
         self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None,
-        reuse_buffers: bool = True,
+        last_stripe: bool, reuse_buffers: bool = True,
     ) -> tuple[PendingExchange, ExchangePlan]:
         """Send one stripe's rows to the expert holders without waiting; `wait()` on the result gives y_PH."""
         self.expert_load[key.layer] += counts_E
         self.command(cmds.Forward(layer=key.layer, stripe=key.stripe, session=key.session, keep=keep,
-                                  autocast=autocast, row_dtype=x_PH.dtype, seq_len=self.seq_len))
+                                  autocast=autocast, row_dtype=x_PH.dtype, seq_len=self.seq_len,
+                                  last_stripe=last_stripe))
         return self.transport.dispatch_forward(key, x_PH, counts_E, keep=keep, autocast=autocast,
                                                seq_len=self.seq_len, reuse_buffers=reuse_buffers)
 
-    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
+    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *, last_stripe: bool,
                        reuse_buffers: bool = True) -> PendingExchange:
-        self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session))
+        self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session, last_stripe=last_stripe))
         return self.transport.dispatch_backward(key, plan, dy_PH, reuse_buffers=reuse_buffers)
 
     def holds_layer(self, layer: int) -> bool:
         """Asym-EA: this attention rank holds some experts of `layer`."""
         return self.shard is not None and layer in self.shard.local
 
-    def finish_local_forward(self, layer: int) -> None:
-        """Experts held here (Asym-EA, colocated): run them for every exchange of `layer` issued so far, then
-        combine (zebra: after every stripe's attention of the layer)."""
-        if self.holds_layer(layer):
-            self.transport.finish_layer(layer, self.shard)
-
-    def finish_local_backward(self, layer: int) -> None:
-        if self.holds_layer(layer):
-            self.transport.finish_layer(layer, self.shard)
+    def finish_layer(self, layer: int) -> None:
+        """After the last stripe's exchange of `layer` was issued (forward or backward): run the experts held
+        here (Asym-EA, colocated) for every stripe, then issue the combines deferred until now."""
+        self.transport.finish_layer(layer, self.shard)
 
     # ---- gradients ----------------------------------------------------------------------------------------
     @staticmethod

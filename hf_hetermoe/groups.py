@@ -9,6 +9,9 @@ Groups (DESIGN.md section 2), all built from one rendezvous store with their own
   the attention ranks do work without experts (data loading, saving); a peer that dies still surfaces at once
   as "connection closed". Gloo closes a connection when a wait times out, so a short timeout cannot be polled.
 - attention: attention ranks only; the data-parallel gradient all-reduce (replaces DDP).
+- counts, attention_counts: gloo on CPU tensors, like their namesakes above (all ranks / attention ranks); the
+  per-expert row counts of each exchange. Counts must reach the host anyway (all-to-all splits are Python
+  ints), and NCCL accepts only device tensors, so they travel on their own CPU groups on every backend.
 
 The groups are constructed directly (`ProcessGroupGloo(PrefixStore(...), rank, size, timeout)`), not registered
 with torch.distributed: the attention ranks' own default group (Accelerate's world) spans attention ranks only.
@@ -38,6 +41,8 @@ class HeterMoEGroups:
     combine: Any
     control: Any
     attention: Any | None  # None on expert servers, and when there is one attention rank
+    counts: Any  # gloo, all ranks: per-expert row counts for the expert servers
+    attention_counts: Any | None  # gloo, attention ranks: counts for experts held on attention ranks
     device: torch.device
     timeout_s: float
     # Incremented each time a model is patched over these groups: the expert servers then hold that model's
@@ -82,14 +87,16 @@ class HeterMoEGroups:
         dispatch = make("dispatch", rank, world, data_backend, timeout)
         combine = make("combine", rank, world, data_backend, timeout)
         control = make("control", rank, world, "gloo", CONTROL_TIMEOUT)
-        attention = None
+        counts = make("counts", rank, world, "gloo", timeout)
+        attention = attention_counts = None
         if topology.is_attention(rank) and topology.num_attention > 1:
-            attention = make(
-                "attention", topology.attention_index(rank), topology.num_attention, data_backend, timeout
-            )
+            index, num = topology.attention_index(rank), topology.num_attention
+            attention = make("attention", index, num, data_backend, timeout)
+            attention_counts = make("attention_counts", index, num, "gloo", timeout)
         return cls(
             rank=rank, topology=topology, dispatch=dispatch, combine=combine, control=control,
-            attention=attention, device=device, timeout_s=timeout_s,
+            attention=attention, counts=counts, attention_counts=attention_counts, device=device,
+            timeout_s=timeout_s,
         )
 
     @classmethod
@@ -105,10 +112,15 @@ class HeterMoEGroups:
         dispatch = dist.new_group(backend=data_backend, timeout=timeout)
         combine = dist.new_group(backend=data_backend, timeout=timeout)
         control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-        attention = dist.new_group(backend=data_backend, timeout=timeout) if topology.world_size > 1 else None
+        counts = dist.new_group(backend="gloo", timeout=timeout)
+        attention = attention_counts = None
+        if topology.world_size > 1:
+            attention = dist.new_group(backend=data_backend, timeout=timeout)
+            attention_counts = dist.new_group(backend="gloo", timeout=timeout)
         return cls(
             rank=dist.get_rank(), topology=topology, dispatch=dispatch, combine=combine, control=control,
-            attention=attention, device=device, timeout_s=timeout_s,
+            attention=attention, counts=counts, attention_counts=attention_counts, device=device,
+            timeout_s=timeout_s,
         )
 
     @classmethod
@@ -122,5 +134,5 @@ class HeterMoEGroups:
 
         return cls(
             rank=0, topology=topology, dispatch=make(), combine=make(), control=make(), attention=None,
-            device=device, timeout_s=timeout_s,
+            counts=make(), attention_counts=None, device=device, timeout_s=timeout_s,
         )

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = 0x4845544552  # "HETER"
 NUM_INTS = 10
 NUM_FLOATS = 6
@@ -65,6 +65,7 @@ class Forward(Command):
     autocast: torch.dtype | None  # autocast dtype of the attention side (None: off)
     row_dtype: torch.dtype  # dtype of the rows on the wire
     seq_len: int  # tokens per sequence of this forward (device emulation scales by it)
+    last_stripe: bool = True  # the layer's last stripe: deferred combines go now (see transport.py)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Backward(Command):
     layer: int
     stripe: int
     session: int
+    last_stripe: bool = True
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,19 @@ is entered in the same order everywhere. Three kinds of rank use the same code:
   until `finish_layer`, which computes them and issues their combine.
 The synchronous case (outside zebra) is issue-then-wait. See docs/architecture.md ("Token transport").
 
+Operation order. On a layer where an attention rank holds experts, that rank can combine only after computing
+them for every stripe, so its rows and results go D0 D1 .. C0 C1 .. (D = dispatch, C = combine, by stripe).
+Every rank then uses that order for the layer: other attention ranks defer their combines to `finish_layer`
+too, and servers hold their result sends until the layer's last stripe. NCCL needs one order of operations
+across its communicators on all ranks; concurrent kernels of two communicators may not both progress. Other
+layers go D0 C0 D1 C1 .. everywhere.
+
 One exchange, forward (backward is the same without the counts, with gradients):
-  1. counts for experts held on attention ranks: all-to-all on the attention group (ranks in step anyway);
-  2. counts for experts held on servers: all-to-all on the dispatch group (attention ranks only send, so an
-     attention rank never waits for a busy server);
+  1. counts for experts held on attention ranks: all-to-all among attention ranks (in step anyway);
+  2. counts for experts held on servers: all-to-all over all ranks (attention ranks only send, so an
+     attention rank never waits for a busy server).
+     Counts are host metadata: splits must be Python ints, so they are CPU int64 tensors on CPU (gloo) groups
+     of their own, whatever carries the rows;
   3. rows: one all-to-all on the dispatch group reaches servers and attention holders;
   4. results: one all-to-all on the combine group (separate from dispatch, so the two directions have
      independent operation orders).
@@ -117,8 +126,8 @@ class _HeldRows:
     direction: str
     plan: ExchangePlan
     rows: torch.Tensor
-    work: tuple[Any, str]
-    pending: PendingExchange
+    work: tuple[Any, str] | None  # None: nothing to compute here, only the combine was deferred
+    pending: PendingExchange | None
     keep: bool = False
     autocast: torch.dtype | None = None
     seq_len: int = 1
@@ -201,9 +210,14 @@ class TokenTransport:
         # Servers send results without waiting (their buffers stay referenced here until gloo reports the send
         # complete), so they take the next stripe's rows while the previous results are still in flight.
         self._sends_in_flight: list[tuple[Any, str, torch.Tensor]] = []
+        self._deferred_sends: list[tuple[torch.Tensor, ExchangePlan, str]] = []  # server: until the last stripe
 
     def holds(self, layer: int) -> bool:
         return bool(self.splits.local_of[layer][self.rank])
+
+    def defers_combines(self, layer: int) -> bool:
+        """Combines of `layer` wait for its last stripe (an attention rank holds experts of it)."""
+        return self.splits.attention_holds_any(layer)
 
     # ---- attention side -------------------------------------------------------------------------------------
     def _counts_from_attention(self, layer: int, counts_E: torch.Tensor) -> torch.Tensor | None:
@@ -212,14 +226,14 @@ class TokenTransport:
             return None
         send, send_splits = self.splits.attention_counts(layer, counts_E)
         mine = len(self.splits.local_of[layer][self.rank])
-        group = self.groups.attention
+        group = self.groups.attention_counts
         if group is None:
             return send
         num = len(self.splits.attention_ranks)
-        recv = torch.empty(mine * num, dtype=torch.int64, device=self.groups.device)
-        work = _all_to_all(group, recv, send.to(self.groups.device), [mine] * num, send_splits)
+        recv = torch.empty(mine * num, dtype=torch.int64)
+        work = _all_to_all(group, recv, send, [mine] * num, send_splits)
         wait(work, f"the attention-held expert counts of layer {layer}", self.rank)
-        return recv.cpu()
+        return recv
 
     def dispatch_forward(self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool,
                          autocast: torch.dtype | None, seq_len: int, reuse_buffers: bool = True,
@@ -238,7 +252,7 @@ class TokenTransport:
             counts, count_splits = split.server_counts(layer, counts_E)
             empty = torch.empty(0, dtype=torch.int64)
             pending.keep_alive += [counts, empty]
-            pending.works.append((_all_to_all(self.groups.dispatch, empty, counts, [0] * self.world, count_splits),
+            pending.works.append((_all_to_all(self.groups.counts, empty, counts, [0] * self.world, count_splits),
                                   f"the expert-count exchange of layer {layer}"))
         self._dispatch(pending, key, "F", x_PH.contiguous(), plan, reuse_buffers,
                        keep=keep, autocast=autocast, seq_len=seq_len)
@@ -261,7 +275,12 @@ class TokenTransport:
         what = f"the dispatch of layer {key.layer} stripe {key.stripe} ({name})"
         if plan.recv_local_expert_R is None:
             pending.works.append((work, what))
-            self._issue_combine(pending, key, direction, send.new_empty((0, send.shape[1])), plan, reuse)
+            nothing = send.new_empty((0, send.shape[1]))
+            if self.defers_combines(key.layer):
+                self._held.setdefault(key.layer, []).append(_HeldRows(
+                    key=key, direction=direction, plan=plan, rows=nothing, work=None, pending=pending, reuse=reuse))
+            else:
+                self._issue_combine(pending, key, direction, nothing, plan, reuse)
         else:
             self._held.setdefault(key.layer, []).append(_HeldRows(
                 key=key, direction=direction, plan=plan, rows=rows_in, work=(work, what), pending=pending,
@@ -279,23 +298,26 @@ class TokenTransport:
         """Compute this rank's experts for every exchange of `layer` issued so far, then issue their combines
         (zebra: after all stripes' attention of the layer; synchronous path: right after the dispatch)."""
         for held in self._held.pop(layer, []):
-            wait(*held.work, self.rank)
-            if held.direction == "F":
+            if held.work is None:
+                result = held.rows
+            elif held.direction == "F":
+                wait(*held.work, self.rank)
                 result = shard.forward(held.key, held.rows, held.plan.recv_local_expert_R, keep=held.keep,
                                        autocast_dtype=held.autocast, seq_len=held.seq_len)
             else:
+                wait(*held.work, self.rank)
                 result = shard.backward(held.key, held.rows)
             self._issue_combine(held.pending, held.key, held.direction, result, held.plan, held.reuse)
 
     # ---- server side ------------------------------------------------------------------------------------------
     def serve_forward(self, key: ExchangeKey, shard: "ExpertShard", *, keep: bool, autocast: torch.dtype | None,
-                      row_dtype: torch.dtype, seq_len: int) -> ExchangePlan:
+                      row_dtype: torch.dtype, seq_len: int, last_stripe: bool = True) -> ExchangePlan:
         """Expert server: receive the counts and rows of one exchange, run the experts, send the results."""
         layer, split = key.layer, self.splits
         start = self.observer.now()
         recv_count_splits = split.server_recv_count_splits(layer, self.rank)
         counts = torch.empty(sum(recv_count_splits), dtype=torch.int64)
-        wait(_all_to_all(self.groups.dispatch, counts, torch.empty(0, dtype=torch.int64), recv_count_splits,
+        wait(_all_to_all(self.groups.counts, counts, torch.empty(0, dtype=torch.int64), recv_count_splits,
                          [0] * self.world), f"the expert-count exchange of layer {layer}", self.rank)
         plan = split.holder_plan(layer, self.rank, split.attention_ranks, counts, [0] * self.world, row_dtype)
         x_RH = self._receive_rows(key, "forward", plan)
@@ -305,13 +327,24 @@ class TokenTransport:
                                  seq_len=seq_len)
         else:
             y_RH = x_RH  # nothing of this layer held here: empty
-        self._send_without_waiting(y_RH.to(row_dtype), plan, f"the combine of layer {layer} (forward)")
+        self._send_result(key, y_RH.to(row_dtype), plan, f"the combine of layer {layer} (forward)", last_stripe)
         return plan
 
-    def serve_backward(self, key: ExchangeKey, plan: ExchangePlan, shard: "ExpertShard") -> None:
+    def serve_backward(self, key: ExchangeKey, plan: ExchangePlan, shard: "ExpertShard", *,
+                       last_stripe: bool = True) -> None:
         dy_RH = self._receive_rows(key, "backward", plan)
         dx_RH = shard.backward(key, dy_RH) if plan.recv_local_expert_R is not None else dy_RH
-        self._send_without_waiting(dx_RH.to(plan.row_dtype), plan, f"the combine of layer {key.layer} (backward)")
+        self._send_result(key, dx_RH.to(plan.row_dtype), plan, f"the combine of layer {key.layer} (backward)",
+                          last_stripe)
+
+    def _send_result(self, key: ExchangeKey, send: torch.Tensor, plan: ExchangePlan, what: str,
+                     last_stripe: bool) -> None:
+        """Send now, or (layers with experts on attention ranks) once the layer's last stripe has arrived."""
+        self._deferred_sends.append((send, plan, what))
+        if last_stripe or not self.defers_combines(key.layer):
+            for item in self._deferred_sends:
+                self._send_without_waiting(*item)
+            self._deferred_sends.clear()
 
     def _receive_rows(self, key: ExchangeKey, name: str, plan: ExchangePlan) -> torch.Tensor:
         rows = self.buffers.get(None, sum(plan.recv_splits), plan.row_dtype)

@@ -303,7 +303,7 @@ class ZebraRunner:
             start = instruments.now()
             pending[(top, j)] = self._stage1(run, top, j, run.hidden(j), g_seg[j])
             instruments.attention_done("B", top, j, start, num_seqs=0)
-        engine.finish_local_backward(top)
+        engine.finish_layer(top)
         for layer in reversed(range(len(self.layers))):
             for j in stripes:
                 exchange = pending.pop((layer, j), None)
@@ -317,7 +317,7 @@ class ZebraRunner:
                     below = run.segment(layer - 1, j).out
                     pending[(layer - 1, j)] = self._stage1(run, layer - 1, j, below, g_seg[j])
             if layer > 0:
-                engine.finish_local_backward(layer - 1)
+                engine.finish_layer(layer - 1)
             params = list(self.layers[layer].parameters())
             if layer == top:
                 params += [p for n, p in self.base.named_parameters() if not n.startswith("layers.")
@@ -353,7 +353,7 @@ class ZebraRunner:
             _local.ctx = None
         if dy is None:
             dy = torch.zeros_like(ex.y_leaf)
-        return self.engine.issue_backward(ex.key, ex.plan, dy)
+        return self.engine.issue_backward(ex.key, ex.plan, dy, last_stripe=stripe == run.num_stripes - 1)
 
     def _stage2(self, run: ZebraRun, layer: int, stripe: int, out, g, g_logits: list, dx) -> torch.Tensor | None:
         """The rest of the segment's backward, once dx is back; returns the gradient of its input."""
@@ -400,10 +400,11 @@ def exchange_in_stripe(engine: Any, layer: int, x_PH: torch.Tensor, counts_E: to
     autocast_on, autocast_dtype = _autocast_state(x_PH.device.type)
     start, stop = run.rows[stripe]
     issued = engine.instruments.attention_done("F", layer, stripe, _local.task_start, num_seqs=stop - start)
+    last = stripe == run.num_stripes - 1
     pending, plan = engine.issue_forward(key, x_PH.detach(), counts_E, keep=keep,
-                                         autocast=autocast_dtype if autocast_on else None)
-    if stripe == run.num_stripes - 1:
-        engine.finish_local_forward(layer)  # Asym-EA: experts held here run after all stripes' attention
+                                         autocast=autocast_dtype if autocast_on else None, last_stripe=last)
+    if last:
+        engine.finish_layer(layer)  # Asym-EA: experts held here run after all stripes' attention
     run.baton.pass_on(stripe)
     y_PH = pending.wait()
     engine.instruments.exchange_done("D", "F", key, issued)

@@ -40,8 +40,25 @@ class FakeShard:
         return dy_RH * 10 * self._factor(key, self.saved.pop(key))
 
 
-def _groups(store, rank: int, topology: Topology) -> HeterMoEGroups:
-    return HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=30, device=torch.device("cpu"))
+class RecordingGroup:
+    """Delegates to a process group and appends the group's name to `log` at each all-to-all issued."""
+
+    def __init__(self, group, name: str, log: list[str]):
+        self.group, self.name, self.log = group, name, log
+
+    def alltoall_base(self, *args):
+        self.log.append(self.name)
+        return self.group.alltoall_base(*args)
+
+    def __getattr__(self, attr):
+        return getattr(self.group, attr)
+
+
+def _groups(store, rank: int, topology: Topology, log: list[str]) -> HeterMoEGroups:
+    groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=30, device=torch.device("cpu"))
+    groups.dispatch = RecordingGroup(groups.dispatch, "D", log)
+    groups.combine = RecordingGroup(groups.combine, "C", log)
+    return groups
 
 
 def _routing(rank: int, layer: int, num_experts: int, tokens: int) -> torch.Tensor:
@@ -59,6 +76,7 @@ def _run_world(topology: Topology, placement: ExpertPlacement, *, stripes: int) 
     store = dist.HashStore()
     results: dict[int, list] = {}
     errors: list[BaseException] = []
+    logs: dict[int, list[str]] = {r: [] for r in range(topology.world_size)}
 
     def attention(rank: int, transport: TokenTransport, shard) -> None:
         out = []
@@ -74,13 +92,15 @@ def _run_world(topology: Topology, placement: ExpertPlacement, *, stripes: int) 
                 key = ExchangeKey(session=1, layer=layer, stripe=stripe)
                 pending, plan = transport.dispatch_forward(key, x, counts, keep=True, autocast=None, seq_len=1)
                 pendings.append((key, plan, x, expert_P, pending))
-            if transport.holds(layer):  # zebra order: the rank's own experts after all stripes of the layer
-                transport.finish_layer(layer, shard)
-        for key, plan, x, expert_P, pending in pendings:
-            y = pending.wait().clone()
-            back = transport.dispatch_backward(key, plan, torch.ones_like(x))
-            if transport.holds(key.layer):
+            # zebra order: the rank's own experts (and deferred combines) after all stripes of the layer
+            transport.finish_layer(layer, shard)
+        ys = [pending.wait().clone() for *_, pending in pendings]
+        backs = []
+        for key, plan, x, expert_P, _ in pendings:
+            backs.append(transport.dispatch_backward(key, plan, torch.ones_like(x)))
+            if key.stripe == stripes - 1:
                 transport.finish_layer(key.layer, shard)
+        for (key, plan, x, expert_P, _), y, back in zip(pendings, ys, backs):
             out.append((x, expert_P, y, back.wait().clone()))
         results[rank] = out
 
@@ -90,14 +110,15 @@ def _run_world(topology: Topology, placement: ExpertPlacement, *, stripes: int) 
             for stripe in range(stripes):
                 key = ExchangeKey(session=1, layer=layer, stripe=stripe)
                 plans.append((key, transport.serve_forward(key, shard, keep=True, autocast=None,
-                                                           row_dtype=torch.float32, seq_len=1)))
+                                                           row_dtype=torch.float32, seq_len=1,
+                                                           last_stripe=stripe == stripes - 1)))
         for key, plan in plans:
-            transport.serve_backward(key, plan, shard)
+            transport.serve_backward(key, plan, shard, last_stripe=key.stripe == stripes - 1)
         transport.flush()
 
     def main(rank: int) -> None:
         try:
-            groups = _groups(store, rank, topology)
+            groups = _groups(store, rank, topology, logs[rank])
             transport = TokenTransport(groups=groups, placement=placement, hidden_size=H)
             shard = FakeShard(placement, rank)
             (attention if topology.is_attention(rank) else server)(rank, transport, shard)
@@ -111,6 +132,9 @@ def _run_world(topology: Topology, placement: ExpertPlacement, *, stripes: int) 
         t.join(timeout=60)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "a rank hung"
+    # NCCL safety: rows (D) and results (C) travel on two communicators; every rank must issue their
+    # operations in one and the same order, or serialized kernels of the two can wait on each other forever.
+    assert all(log == logs[0] for log in logs.values()), logs
     return results
 
 
