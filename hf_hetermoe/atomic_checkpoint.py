@@ -2,10 +2,10 @@
 
 The Trainer writes `checkpoint-N` file by file; a process killed half-way leaves a folder that
 `get_last_checkpoint` (and `resume_from_checkpoint=True`) then picks and fails on. HeterMoECallback makes
-the Trainer write into `<run_dir>/.hetermoe-staging-N/checkpoint-N` instead and, once every rank has written
-its files, this module fsyncs them and renames the folder to `<run_dir>/checkpoint-N` (one rename on the same
-filesystem: atomic). Dot-prefixed folders never match the Trainer's `checkpoint-*` patterns, so rotation and
-resume never see a staging folder.
+the Trainer write into `<run_dir>/.hetermoe-staging-N/checkpoint-N` instead (the `_save_checkpoint` override in
+integrations/trainer_overrides.py) and, once every rank has written its files, this module fsyncs them and
+renames the folder to `<run_dir>/checkpoint-N` (one rename on the same filesystem: atomic). Dot-prefixed
+folders never match the Trainer's `checkpoint-*` patterns, so rotation and resume never see a staging folder.
 
 Re-saving an existing step moves the old folder aside (`.hetermoe-replaced-checkpoint-N`) for the instant
 between two renames; `recover` (run before every save, and when a Trainer starts) puts it back if the new
@@ -101,63 +101,3 @@ def recover(run_dir: str) -> list[str]:
     for line in done:
         logger.warning("hetermoe: %s: %s", run_dir, line)
     return done
-
-
-# ---- the Trainer side ---------------------------------------------------------------------------------------
-TRAINER_METHODS = ("_save_checkpoint", "_get_output_dir", "_push_from_checkpoint")
-_MISSING = object()
-
-
-def install_atomic_checkpoints(trainer) -> None:
-    """Route `trainer._save_checkpoint` (on this instance only) through a staging folder; recover the output
-    folder now, so `resume_from_checkpoint=True` never picks an interrupted save. Every attention rank calls
-    this (it is collective: barriers keep the ranks' files and the rename in order)."""
-    if trainer.args.should_save:
-        recover(trainer.args.output_dir)
-    trainer.accelerator.wait_for_everyone()
-    original = trainer._save_checkpoint
-
-    def save_checkpoint(model, trial):
-        from transformers import trainer as hf_trainer
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        args = trainer.args
-        run_dir = trainer._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
-        final = os.path.join(run_dir, name)
-        root = staging_root(run_dir, trainer.state.global_step)
-        if args.should_save:
-            prepare(run_dir, trainer.state.global_step)
-        trainer.accelerator.wait_for_everyone()  # the staging root exists before any rank writes into it
-
-        pushes: list[str] = []
-        saved = {attr: trainer.__dict__.get(attr, _MISSING) for attr in ("_get_output_dir", "_push_from_checkpoint")}
-        # The stock method builds its folder from _get_output_dir; pushing waits until the folder is final.
-        trainer._get_output_dir = lambda trial=None: root
-        trainer._push_from_checkpoint = pushes.append
-        try:
-            original(model, trial)
-        finally:
-            for attr, value in saved.items():
-                if value is _MISSING:
-                    trainer.__dict__.pop(attr, None)
-                else:
-                    trainer.__dict__[attr] = value
-        trainer.accelerator.wait_for_everyone()  # every rank's files (rng_state_<i>.pth, ...) are written
-        staged = os.path.join(root, name)
-        if args.should_save:
-            publish(staged, final)
-        trainer.accelerator.wait_for_everyone()
-        if args.local_process_index == 0 and os.path.isdir(staged):
-            publish(staged, final)  # a node that does not share the saver's filesystem keeps its own files too
-
-        best = trainer.state.best_model_checkpoint
-        if best is not None and os.path.dirname(best) == root:
-            trainer.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-        if pushes:
-            trainer._push_from_checkpoint(final)
-        if args.should_save:
-            hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=args.save_total_limit,
-                                          best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
-
-    trainer._save_checkpoint = save_checkpoint

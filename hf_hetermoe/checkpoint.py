@@ -17,11 +17,14 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .expert_state import ExpertState
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +42,8 @@ def _version() -> str:
 class ExpertStateHooks:
     """Registered on the top-level model by `apply_hetermoe`; removed by `revert_hetermoe`."""
 
-    def __init__(self, model: torch.nn.Module, engine: Any):
-        self.engine = engine
+    def __init__(self, model: torch.nn.Module, state: ExpertState):
+        self.state = state
         self._cache: tuple[int, dict] | None = None  # (weights_version, full expert tensors)
         self._warned = False
         # torch tags public hooks with an attribute, which bound methods cannot carry: wrap them in closures.
@@ -56,23 +59,23 @@ class ExpertStateHooks:
     # Gathering all experts is a collective when attention ranks hold some (colocated mode); the Trainer's
     # save_model runs on every rank, so it calls this first and the state-dict hook then uses the cache.
     def gather_for_save(self) -> None:
-        engine = self.engine
-        if engine.can_gather_alone():
-            full = engine.gather_expert_weights(collective=False) if engine.groups.is_leader else None
+        state = self.state
+        if state.can_gather_alone():
+            full = state.gather_expert_weights(collective=False) if state.groups.is_leader else None
         else:
-            full = engine.gather_expert_weights(collective=True)
-        self._cache = (engine.weights_version, full) if full is not None else None
+            full = state.gather_expert_weights(collective=True)
+        self._cache = (state.weights_version, full) if full is not None else None
 
     def drop_cache(self) -> None:
         self._cache = None
 
     def _full_experts(self) -> dict | None:
-        engine = self.engine
-        if self._cache is not None and self._cache[0] == engine.weights_version:
+        state = self.state
+        if self._cache is not None and self._cache[0] == state.weights_version:
             return self._cache[1]
-        if not engine.groups.is_leader:
+        if not state.groups.is_leader:
             return None
-        return engine.gather_expert_weights(collective=False)
+        return state.gather_expert_weights(collective=False)
 
     def _state_dict_post_hook(self, module, state_dict, prefix, local_metadata) -> None:
         full = self._full_experts()
@@ -81,45 +84,45 @@ class ExpertStateHooks:
                 logger.warning(
                     "hetermoe: state_dict() on attention rank %d leaves out the routed experts (they are held on "
                     "other ranks); save from attention rank 0, e.g. with trainer.save_model().",
-                    self.engine.topology.attention_index(self.engine.groups.rank),
+                    self.state.topology.attention_index(self.state.groups.rank),
                 )
                 self._warned = True
             return
-        for layer, path in self.engine.slot_paths.items():
+        for layer, path in self.state.slot_paths.items():
             for name, tensor in full[layer].items():
                 state_dict[f"{prefix}{path}.{name}"] = tensor
 
     def _load_pre_hook(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-        engine = self.engine
+        state = self.state
         own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        converted = engine.family.checkpoint_to_model_keys(own)
+        converted = state.family.checkpoint_to_model_keys(own)
         for key in list(state_dict):
             if key.startswith(prefix):
                 del state_dict[key]
         full: dict[int, dict[str, torch.Tensor]] = {}
-        for layer, path in engine.slot_paths.items():
-            for name in engine.family.expert_param_names:
+        for layer, path in state.slot_paths.items():
+            for name in state.family.expert_param_names:
                 key = f"{path}.{name}"
                 if key in converted:
                     full.setdefault(layer, {})[name] = converted.pop(key)
         state_dict.update({prefix + k: v for k, v in converted.items()})
         if not full:
             return
-        complete = len(full) == len(engine.slot_paths) and all(
-            len(t) == len(engine.family.expert_param_names) for t in full.values()
+        complete = len(full) == len(state.slot_paths) and all(
+            len(t) == len(state.family.expert_param_names) for t in full.values()
         )
         if not complete:
             raise ValueError(
                 "hetermoe: the state dict holds routed experts for only some MoE layers; load a complete checkpoint."
             )
-        engine.load_expert_weights(full)
+        state.load_expert_weights(full)
         self._cache = None
 
 
 # ---- expert optimizer state ------------------------------------------------------------------------------------
-def save_expert_optimizer(engine: Any, output_dir: str) -> str | None:
+def save_expert_optimizer(expert_state: ExpertState, output_dir: str) -> str | None:
     """Collective over attention ranks. Writes the experts' optimizer state atomically; returns the path (leader)."""
-    state = engine.gather_optimizer_state()
+    state = expert_state.gather_optimizer_state()
     if state is None:
         return None
     if not state:
@@ -128,7 +131,7 @@ def save_expert_optimizer(engine: Any, output_dir: str) -> str | None:
     metadata = {
         "format": EXPERT_OPTIMIZER_FORMAT,
         "hf_hetermoe_version": _version(),
-        "optimizer": json.dumps(engine.optimizer_spec or {}),  # class and param groups the state belongs to
+        "optimizer": json.dumps(expert_state.optimizer_spec or {}),  # class and param groups the state belongs to
     }
     path = os.path.join(output_dir, EXPERT_OPTIMIZER_FILE)
     fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-hetermoe-", suffix=".safetensors")
@@ -144,7 +147,7 @@ def save_expert_optimizer(engine: Any, output_dir: str) -> str | None:
     return path
 
 
-def load_expert_optimizer(engine: Any, checkpoint_dir: str) -> bool:
+def load_expert_optimizer(expert_state: ExpertState, checkpoint_dir: str) -> bool:
     """Every attention rank calls this; returns False (and warns) when the checkpoint has no expert state."""
     path = os.path.join(checkpoint_dir, EXPERT_OPTIMIZER_FILE)
     if not os.path.isfile(path):
@@ -153,11 +156,11 @@ def load_expert_optimizer(engine: Any, checkpoint_dir: str) -> bool:
             checkpoint_dir, EXPERT_OPTIMIZER_FILE,
         )
         return False
-    needs_file = engine.groups.is_leader or engine.shard is not None
+    needs_file = expert_state.groups.is_leader or expert_state.shard is not None
     if needs_file:
         check_expert_optimizer_file(path)
     state = load_file(path) if needs_file else {}
-    engine.load_optimizer_state(state)
+    expert_state.load_optimizer_state(state)
     return True
 
 

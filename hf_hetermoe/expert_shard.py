@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .expert_keys import ExpertTensorKey
 from .instrumentation import DataPathObserver
 from .numerics import FiniteMonitor
 from .placement import ExpertPlacement
@@ -104,13 +105,13 @@ class ExpertShard:
         return [p for _, _, p in self.named_parameters()]
 
     def local_weights(self) -> dict[str, torch.Tensor]:
-        """`{"layer/name": (n, ...)}`: this rank's slice of every fused expert tensor."""
-        return {f"{layer}/{name}": p.detach() for layer, name, p in self.named_parameters()}
+        """This rank's `(n, ...)` slice of every fused expert tensor, keyed by `ExpertTensorKey.weight`."""
+        return {ExpertTensorKey.weight(layer, name).encode(): p.detach() for layer, name, p in self.named_parameters()}
 
     def load_local_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for layer, name, p in self.named_parameters():
-                key = f"{layer}/{name}"
+                key = ExpertTensorKey.weight(layer, name).encode()
                 if key not in tensors:
                     raise ValueError(f"hetermoe: expert weights for layer {layer} ({name}) are missing.")
                 src = tensors[key]
@@ -125,7 +126,7 @@ class ExpertShard:
         """Pick this rank's experts out of full `(E, ...)` tensors `{layer: {name: tensor}}`."""
         index = {layer: torch.tensor(experts) for layer, experts in self.local.items()}
         return {
-            f"{layer}/{name}": full[layer][name].index_select(0, index[layer])
+            ExpertTensorKey.weight(layer, name).encode(): full[layer][name].index_select(0, index[layer])
             for layer, name, _ in self.named_parameters()
         }
 
@@ -245,7 +246,8 @@ class ExpertShard:
 
     # ---- optimizer state (topology independent) ------------------------------------------------------------
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """`{"E|layer/name/state_key": per-expert (n, ...)}` and `{"S|layer/name/state_key": shared}` tensors."""
+        """Every optimizer-state tensor of this rank, keyed by `ExpertTensorKey.optimizer`: per-expert state as
+        `(n, ...)` slices, state shared by all experts of a tensor (e.g. a scalar step) as it is."""
         if self.optimizer is None:
             return {}
         out = {}
@@ -254,20 +256,22 @@ class ExpertShard:
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
                 per_expert = value.dim() >= 1 and value.shape[0] == p.shape[0]
-                out[f"{'E' if per_expert else 'S'}|{layer}/{name}/{state_key}"] = value.detach()
+                key = ExpertTensorKey.optimizer(layer, name, state_key, per_expert=per_expert)
+                out[key.encode()] = value.detach()
         return out
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.optimizer is None:
             raise RuntimeError(f"hetermoe: expert rank {self.rank} has no optimizer to load state into.")
+        index_of_tensor = {(layer, name): i for i, (layer, name, _) in enumerate(self.named_parameters())}
+        params = self.parameters()
         state: dict[int, dict[str, torch.Tensor]] = {}
-        for index, (layer, name, p) in enumerate(self.named_parameters()):
-            prefix = f"{layer}/{name}/"
-            for key, value in tensors.items():
-                kind, _, rest = key.partition("|")
-                if rest.startswith(prefix):
-                    state.setdefault(index, {})[rest[len(prefix):]] = value.to(p.device)
-        index_of = {id(p): i for i, p in enumerate(self.parameters())}
+        for text, value in tensors.items():
+            key = ExpertTensorKey.decode(text)
+            index = index_of_tensor.get((key.layer, key.name))
+            if index is not None and key.state is not None:
+                state.setdefault(index, {})[key.state] = value.to(params[index].device)
+        index_of = {id(p): i for i, p in enumerate(params)}
         groups = [
             {k: v for k, v in g.items() if k != "params"} | {"params": [index_of[id(p)] for p in g["params"]]}
             for g in self.optimizer.param_groups

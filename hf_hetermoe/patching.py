@@ -162,6 +162,8 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     engine = HeterMoEEngine(
         groups=groups, config=config, family=family, model_config=model.config, placement=placement, shard=shard,
         slot_paths={slot.layer: slot.path for slot in slots},
+        # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
+        expert_specs={name: (tuple(t.shape), t.dtype) for name, t in full[slots[0].layer].items()},
     )
     if groups.is_leader and engine.has_servers:
         payload = build_setup_payload(
@@ -170,9 +172,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             check_finite=config.check_finite,
         )
         engine.command(protocol.Setup(config=payload))
-        engine.send_slices_to_servers(full)
-    # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
-    engine.expert_specs = {name: (tuple(t.shape), t.dtype) for name, t in full[slots[0].layer].items()}
+        engine.state.send_slices_to_servers(full)
     del full
 
     for slot in slots:
@@ -186,7 +186,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             engine=engine, layer=slot.layer, num_experts=placement.num_experts, original=original
         ))
     model.__dict__[_ENGINE_ATTR] = engine
-    model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine)
+    model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine.state)
     engine.install_model_hooks(model)
     stripes = config.zebra.stripes(groups.topology.mode)
     if stripes > 1 and not engine.has_servers:
@@ -211,7 +211,7 @@ def state_hooks(model: nn.Module) -> ExpertStateHooks:
 
 def gather_expert_weights(model: nn.Module) -> dict | None:
     """Collective over attention ranks: full expert tensors on attention rank 0 (None elsewhere)."""
-    return get_engine(model).gather_expert_weights(collective=True)
+    return get_engine(model).state.gather_expert_weights(collective=True)
 
 
 def revert_hetermoe(model: nn.Module) -> nn.Module:
@@ -222,7 +222,7 @@ def revert_hetermoe(model: nn.Module) -> nn.Module:
     engine = get_engine(model)
     if engine is None:
         return model
-    full = engine.gather_expert_weights(collective=True)
+    full = engine.state.gather_expert_weights(collective=True)
     group = engine.groups.attention
     if group is not None:
         # Share the gathered experts with every attention replica.

@@ -8,7 +8,6 @@ layer, and experts moved onto an attention rank (Asym-EA), in the synchronous an
 
 from __future__ import annotations
 
-import datetime
 import threading
 
 import pytest

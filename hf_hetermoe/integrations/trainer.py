@@ -2,17 +2,15 @@
 
 What it does, and when (the Trainer's own order):
 - `on_init_end` (before the optimizer exists): patch the model (`apply_hetermoe`), prepare it with Accelerate
-  without DDP (HeterMoE averages attention gradients itself), and route the Trainer's gradient-norm, save and
-  load steps through HeterMoE so they cover the experts too.
+  without DDP (HeterMoE averages attention gradients itself), and install the Trainer overrides
+  (integrations/trainer_overrides.py: gradient norm, save and load steps cover the experts; atomic checkpoints).
 - `_load_optimizer_and_scheduler` (resume) and `on_train_begin`: give the experts an optimizer of the Trainer's
   class and hyperparameters, and restore its state from the checkpoint.
 - gradient clipping: the norm is global over attention and expert gradients of all ranks.
 - `on_optimizer_step` (after `optimizer.step()`, before the scheduler moves): step the experts with the lr the
   Trainer just used and the same clip coefficient.
+- `on_log`: training logs get how busy each pool was and how evenly routing spread the tokens.
 - `save_model` / `_save_optimizer_and_scheduler`: full stock weights, plus the experts' optimizer state.
-
-Callbacks receive the model, not the Trainer; the Trainer is found once, in `on_init_end`, on the call stack
-(the Trainer's `__init__` calls that event itself).
 """
 
 from __future__ import annotations
@@ -25,23 +23,23 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..atomic_checkpoint import TRAINER_METHODS as _ATOMIC_CHECKPOINT_METHODS
-from ..atomic_checkpoint import install_atomic_checkpoints
 from ..block import HeterMoEExperts
-from ..checkpoint import load_expert_optimizer, save_expert_optimizer
 from ..config import HeterMoEConfig
+from ..engine import HeterMoEEngine
 from ..groups import HeterMoEGroups
-from ..patching import apply_hetermoe, state_hooks
+from ..patching import apply_hetermoe
 from ..versions import check_versions
+from .trainer_overrides import check_trainer_overrides, install_trainer_overrides
 
 logger = logging.getLogger(__name__)
 
-# Trainer methods HeterMoE routes through itself; checked up front so a transformers change fails loudly.
-_TRAINER_METHODS = ("_clip_grad_norm", "_get_grad_norm", "save_model", "_save_optimizer_and_scheduler",
-                    "_load_optimizer_and_scheduler", *_ATOMIC_CHECKPOINT_METHODS)
-
 
 def _find_trainer(callback: TrainerCallback) -> Trainer:
+    """The Trainer whose `__init__` is running `on_init_end` for `callback`, found on the call stack.
+
+    No public route gives a callback its Trainer: events receive the model, optimizer, scheduler, processing class
+    and dataloaders, not the Trainer, and a callback passed to `Trainer(callbacks=[...])` exists before its Trainer.
+    The Trainer's own `__init__` fires `on_init_end`, so its frame is on the stack; this runs once per Trainer."""
     frame = inspect.currentframe()
     while frame is not None:
         candidate = frame.f_locals.get("self")
@@ -97,15 +95,14 @@ class HeterMoECallback(TrainerCallback):
         self.config = config
         self.groups = groups
         self.trainer: Trainer | None = None
-        self.engine = None
+        self.engine: HeterMoEEngine | None = None
+        self._stats_since = time.perf_counter()
 
     # ---- setup ------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
         trainer = _find_trainer(self)
         self.trainer = trainer
-        missing = [m for m in _TRAINER_METHODS if not hasattr(trainer, m)]
-        if missing:
-            raise RuntimeError(f"hetermoe: this transformers version's Trainer lacks {missing}; it is not supported.")
+        check_trainer_overrides(type(trainer))  # before anything is patched
         if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
             raise ValueError(
                 "hetermoe: DeepSpeed and FSDP are not supported with HeterMoE (it shards the experts itself). "
@@ -118,75 +115,24 @@ class HeterMoECallback(TrainerCallback):
         # Device placement and mixed-precision autocast as Accelerate gives every model, but no DDP wrapper:
         # HeterMoE averages the attention gradients itself (expert gradients must not be all-reduced).
         trainer.accelerator.prepare_model(model, evaluation_mode=True)
-        self._route_trainer_methods(trainer, model)
+        install_trainer_overrides(
+            trainer, model=model, state=self.engine.state, setup_expert_optimizer=self._setup_expert_optimizer
+        )
         if self.engine.shard is not None:  # servers take it from the launcher's config (expert_server.serve)
             self.engine.shard.check_finite = config.check_finite
-        install_atomic_checkpoints(trainer)  # checkpoint-N folders appear only complete (atomic_checkpoint.py)
-
-    def _route_trainer_methods(self, trainer: Trainer, model: torch.nn.Module) -> None:
-        engine = self.engine
-        original_save_model = trainer.save_model
-        original_save_optim = trainer._save_optimizer_and_scheduler
-        original_load_optim = trainer._load_optimizer_and_scheduler
-
-        def unscale_factor() -> float:
-            trainer.accelerator.unscale_gradients()
-            scaler = getattr(trainer.accelerator, "scaler", None)
-            if scaler is not None and scaler.is_enabled():
-                return 1.0 / float(scaler.get_scale())
-            return 1.0
-
-        def clip_grad_norm(model_arg):
-            params = list(model_arg.parameters())
-            return engine.clip_grad_norm(params, trainer.args.max_grad_norm, unscale=unscale_factor())
-
-        def get_grad_norm(model_arg, grad_norm=None):
-            if grad_norm is None:
-                grad_norm = engine.global_grad_norm(list(model_arg.parameters()), unscale=unscale_factor())
-            return grad_norm
-
-        def save_model(output_dir=None, _internal_call=False):
-            hooks = state_hooks(model)
-            hooks.gather_for_save()
-            try:
-                return original_save_model(output_dir, _internal_call=_internal_call)
-            finally:
-                hooks.drop_cache()
-
-        def save_optimizer_and_scheduler(output_dir):
-            original_save_optim(output_dir)
-            save_expert_optimizer(engine, output_dir)
-
-        def load_optimizer_and_scheduler(checkpoint):
-            original_load_optim(checkpoint)
-            if checkpoint is not None:
-                self._setup_expert_optimizer(trainer.optimizer)
-                load_expert_optimizer(engine, checkpoint)
-
-        original_log = trainer.log
+        # First in the callback list, so `on_log` adds the pool statistics before reporting callbacks (TensorBoard,
+        # W&B, the progress bar) see the logs. Safe while the handler iterates: the callbacks after this one keep
+        # their positions.
+        callbacks = trainer.callback_handler.callbacks
+        callbacks.remove(self)
+        callbacks.insert(0, self)
         self._stats_since = time.perf_counter()
 
-        def log(logs, *args, **kwargs):
-            if "loss" in logs:  # a training log: add how busy each pool was since the previous one
-                for key, value in engine.pool_busy(self._stats_since).items():
-                    logs[f"hetermoe_{key}"] = round(value, 4)
-                if engine.instruments.emulator is not None:
-                    logs["hetermoe_emulated_devices"] = ",".join(engine.config.emulation.devices)
-                self._stats_since = time.perf_counter()
-            return original_log(logs, *args, **kwargs)
-
-        trainer.log = log
-        trainer._clip_grad_norm = clip_grad_norm
-        trainer._get_grad_norm = get_grad_norm
-        trainer.save_model = save_model
-        trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
-        trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
-
-    def _setup_expert_optimizer(self, optimizer) -> None:
+    def _setup_expert_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         if optimizer is None:
             return
         experts = next(m for m in self.trainer.model.modules() if isinstance(m, HeterMoEExperts))._original_experts
-        self.engine.setup_optimizer(optimizer, _expert_param_groups(self.trainer, optimizer, experts))
+        self.engine.state.setup_optimizer(optimizer, _expert_param_groups(self.trainer, optimizer, experts))
 
     # ---- training events ----------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -194,14 +140,28 @@ class HeterMoECallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         # The gradient-norm path already did this; a Trainer subclass that skips it still gets DDP semantics.
-        self.engine.finish_gradients(list(model.parameters()))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if os.environ.get("HETERMOE_TRACE"):
-            self.engine.timeline.write_chrome_trace(os.environ["HETERMOE_TRACE"])
+        self.engine.state.finish_gradients(list(model.parameters()))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
         inner = getattr(optimizer, "optimizer", optimizer)
-        lrs = [float(inner.param_groups[i]["lr"]) for i in self.engine.optimizer_groups]
-        self.engine.step(lrs=lrs, skipped=skipped)
+        expert_state = self.engine.state
+        lrs = [float(inner.param_groups[i]["lr"]) for i in expert_state.optimizer_groups]
+        expert_state.step(lrs=lrs, skipped=skipped)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return  # only training logs get statistics
+        # The Trainer recorded this log (`state.log_history[-1]`) just before this event; add the same entries.
+        busy = self.engine.stats.pool_busy(self._stats_since)
+        added = {f"hetermoe_{key}": round(value, 4) for key, value in busy.items()}
+        if self.engine.instruments.emulator is not None:
+            added["hetermoe_emulated_devices"] = ",".join(self.engine.config.emulation.devices)
+        self._stats_since = time.perf_counter()
+        logs.update(added)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(added)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if os.environ.get("HETERMOE_TRACE"):
+            self.engine.timeline.write_chrome_trace(os.environ["HETERMOE_TRACE"])
