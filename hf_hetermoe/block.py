@@ -56,9 +56,10 @@ class HeterMoEExperts(nn.Module):
         num_tokens, top_k = top_k_index_TK.shape
         hidden = hidden_TH.shape[-1]
         expert_P = top_k_index_TK.reshape(-1)
-        owner_P = self.engine.owner_E[self.layer].to(expert_P.device)[expert_P]
+        owner_P = self.engine.owner_E[self.layer][expert_P]
         # Rows go out grouped by (holder rank, expert), the order each holder's counts describe.
         perm_P = torch.argsort(owner_P * self.num_experts + expert_P, stable=True)
+        # The one device-to-host copy of an exchange, on purpose: all-to-all splits are host integers.
         counts_E = torch.bincount(expert_P, minlength=self.num_experts).cpu()
         x_PH = hidden_TH[perm_P // top_k]
         if zebra.active_stripe() is not None:

@@ -54,12 +54,14 @@ class HeterMoEEngine:
         self.expert_specs = expert_specs
         self.topology = groups.topology
         self.num_replicas = self.topology.num_attention
-        self.owner_E = {layer: torch.tensor(row, dtype=torch.int64) for layer, row in placement.owner.items()}
+        # Holder of each expert, per layer, on the device that routes tokens (the experts stand-in indexes it).
+        self.owner_E = {layer: torch.tensor(row, dtype=torch.int64, device=groups.device)
+                        for layer, row in placement.owner.items()}
         self.first_layer = min(slot_paths)
         emulator = (
             DeviceEmulator(config.emulation, rank=groups.rank, model_config=model_config) if config.emulation else None
         )
-        self.instruments = Instruments(groups.rank, emulator)
+        self.instruments = Instruments(groups.rank, emulator, device=groups.device)
         self.model_hooks = ModelHooks(self.instruments)
         self.transport = TokenTransport(groups=groups, placement=placement, hidden_size=model_config.hidden_size,
                                         observer=self.instruments)

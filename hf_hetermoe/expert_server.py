@@ -58,7 +58,7 @@ class ExpertServer:
         self.config = config
         self.channel = CommandChannel(groups.control, rank=groups.rank, leader=groups.leader,
                                       servers=groups.topology.expert_ranks)
-        self.instruments = Instruments(groups.rank)
+        self.instruments = Instruments(groups.rank, device=groups.device)
         self.shard: ExpertShard | None = None
         self.transport: TokenTransport | None = None
         self.plans: dict[ExchangeKey, ExchangePlan] = {}  # kept forwards, until their backward
@@ -82,7 +82,8 @@ class ExpertServer:
         shard.load_local_weights(self.channel.recv_tensor_dict(groups.leader))
         emulation = EmulationConfig.from_dict(setup.get("emulation"))
         if emulation is not None:
-            self.instruments.emulator = DeviceEmulator(emulation, rank=groups.rank, model_config=model_config)
+            self.instruments = Instruments(
+                groups.rank, DeviceEmulator(emulation, rank=groups.rank, model_config=model_config), device=groups.device)
         shard.observer = self.instruments
         launcher_default = self.config.check_finite if self.config is not None else True
         shard.check_finite = bool(setup.get("check_finite", launcher_default))

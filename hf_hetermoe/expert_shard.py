@@ -148,7 +148,9 @@ class ExpertShard:
             return self.modules[layer](x, index_R1, weight_R1)
 
     def _report(self, direction: str, key: ExchangeKey, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
-        rows = torch.bincount(local_expert_R, minlength=len(self.local[key.layer])).tolist()
+        rows = []
+        if self.observer.needs_rows_per_expert:
+            rows = torch.bincount(local_expert_R, minlength=len(self.local[key.layer])).tolist()
         self.observer.experts_done(direction, key.layer, key.stripe, start, rows_per_expert=rows, seq_len=seq_len)
 
     def forward(

@@ -10,8 +10,10 @@ points and knows nothing of what happens there:
 
 `DataPathObserver` ignores them. `Instruments` records each task in the rank's `Timeline` (busy fractions, the
 Theorem-1 order tests, Chrome traces with `HETERMOE_TRACE=dir`) and, when device emulation is on, first pads
-the task to its modelled duration on the emulated GPU. Times are `time.perf_counter()` seconds. See
-docs/architecture.md ("Instrumentation").
+the task to its modelled duration on the emulated GPU. Times are marks of the rank's clock: CUDA events on a
+GPU (recorded on the calling thread's current stream, so a stripe's task is timed on its own stream), host
+`perf_counter()` seconds on CPU and under emulation (which sleeps on the host). See docs/architecture.md
+("Instrumentation").
 """
 
 from __future__ import annotations
@@ -20,20 +22,48 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from .timeline import Timeline
+import torch
+
+from .timeline import Clock, HostClock, Timeline
 
 if TYPE_CHECKING:
     from .emulation import DeviceEmulator
+
+
+class CudaEventClock:
+    """Marks are CUDA events recorded on the current stream; `seconds` maps them onto the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._origin = torch.cuda.Event(enable_timing=True)
+        self._origin.record(torch.cuda.current_stream(device))
+        self._origin.synchronize()  # once, at construction: the origin's host time is then known
+        self._origin_host = time.perf_counter()
+
+    def now(self) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, mark: Any) -> float:
+        if isinstance(mark, float):
+            return mark
+        mark.synchronize()
+        return self._origin_host + self._origin.elapsed_time(mark) / 1e3
+
+
+def clock_for(device: torch.device, *, emulating: bool) -> Clock:
+    return CudaEventClock(device) if device.type == "cuda" and not emulating else HostClock()
 
 
 class DataPathObserver:
     """Receives the data path's named events; this base ignores them."""
 
     seq_len = 1  # tokens per sequence of the current forward (emulated costs scale by it)
+    clock: Clock = HostClock()
 
-    @staticmethod
-    def now() -> float:
-        return time.perf_counter()
+    def now(self) -> Any:
+        return self.clock.now()
 
     def attention_done(self, direction: str, layer: int, stripe: int, start: float, *, num_seqs: int) -> float:
         return self.now()
@@ -45,6 +75,11 @@ class DataPathObserver:
                      seq_len: int) -> None:
         pass
 
+    @property
+    def needs_rows_per_expert(self) -> bool:
+        """Whether `experts_done` uses `rows_per_expert` (counting them costs a device sync on a GPU)."""
+        return False
+
     def exchange_done(self, kind: str, direction: str, key: Any, start: float, end: float | None = None) -> None:
         pass
 
@@ -52,10 +87,12 @@ class DataPathObserver:
 class Instruments(DataPathObserver):
     """Timeline recording, with device emulation padding when an emulator is given."""
 
-    def __init__(self, rank: int, emulator: "DeviceEmulator | None" = None, timeline: Timeline | None = None):
+    def __init__(self, rank: int, emulator: "DeviceEmulator | None" = None, *,
+                 device: torch.device = torch.device("cpu")):
         self.rank = rank
         self.emulator = emulator
-        self.timeline = timeline or Timeline(rank)
+        self.clock = clock_for(device, emulating=emulator is not None)
+        self.timeline = Timeline(rank, clock=self.clock)
 
     def attention_done(self, direction: str, layer: int, stripe: int, start: float, *, num_seqs: int) -> float:
         """Pad to the modelled attention time of `num_seqs` sequences, record, return the end time."""
@@ -76,6 +113,10 @@ class Instruments(DataPathObserver):
             self.emulator.pad(start, self.emulator.experts_s(direction, rows_per_expert=rows_per_expert,
                                                              real_seq_len=seq_len))
         self.timeline.record("E", direction, layer, stripe, start)
+
+    @property
+    def needs_rows_per_expert(self) -> bool:
+        return self.emulator is not None
 
     def exchange_done(self, kind: str, direction: str, key: Any, start: float, end: float | None = None) -> None:
         self.timeline.record(kind, direction, key.layer, key.stripe, start, end)

@@ -6,6 +6,10 @@ Every rank records tasks (kind, direction, layer, stripe, start, end):
 - direction: "F" forward or "B" backward.
 Tests read the order of compute tasks from it (Theorem 1), benchmarks the busy fractions, and
 `HETERMOE_TRACE=dir` writes one Chrome-trace JSON per rank (open in chrome://tracing or Perfetto).
+
+Start and end are marks of the rank's clock (instrumentation.py): `perf_counter()` seconds on CPU, CUDA events
+on a GPU (which time what the GPU did, not when the host launched it). Marks are turned into seconds only
+when tasks are read, so recording never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 COMPUTE_KINDS = ("A", "E", "H")
 
@@ -33,32 +38,63 @@ class Task:
         return self.end - self.start
 
 
-class Timeline:
-    """Thread-safe list of tasks of one rank. Times are `time.perf_counter()` seconds."""
+class Clock(Protocol):
+    def now(self) -> Any: ...
 
-    def __init__(self, rank: int, *, max_tasks: int = 200_000):
+    def seconds(self, mark: Any) -> float: ...
+
+
+class HostClock:
+    """Marks are `time.perf_counter()` seconds."""
+
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
+    @staticmethod
+    def seconds(mark: Any) -> float:
+        return mark
+
+
+class Timeline:
+    """Thread-safe list of tasks of one rank; times are marks of `clock`, read back as seconds."""
+
+    def __init__(self, rank: int, *, max_tasks: int = 200_000, clock: Clock | None = None):
         self.rank = rank
         self.max_tasks = max_tasks
-        self._tasks: list[Task] = []
+        self.clock = clock or HostClock()
+        self._tasks: list[Task] = []  # start/end may still be clock marks until `tasks()` resolves them
+        self._resolved = 0  # tasks before this index hold seconds
         self._lock = threading.Lock()
         self.enabled = True
 
-    def record(self, kind: str, direction: str, layer: int, stripe: int, start: float, end: float | None = None) -> None:
+    def record(self, kind: str, direction: str, layer: int, stripe: int, start: Any, end: Any = None) -> None:
         if not self.enabled:
             return
-        task = Task(kind, direction, layer, stripe, start, time.perf_counter() if end is None else end)
+        task = Task(kind, direction, layer, stripe, start, self.clock.now() if end is None else end)
         with self._lock:
             if len(self._tasks) >= self.max_tasks:
+                self._resolve()
                 del self._tasks[: self.max_tasks // 2]  # keep memory bounded on long runs
+                self._resolved -= self.max_tasks // 2
             self._tasks.append(task)
+
+    def _resolve(self) -> None:
+        seconds = self.clock.seconds
+        for i in range(self._resolved, len(self._tasks)):
+            t = self._tasks[i]
+            self._tasks[i] = Task(t.kind, t.direction, t.layer, t.stripe, seconds(t.start), seconds(t.end))
+        self._resolved = len(self._tasks)
 
     def tasks(self, since: float = float("-inf")) -> list[Task]:
         with self._lock:
+            self._resolve()
             return [t for t in self._tasks if t.start >= since]
 
     def clear(self) -> None:
         with self._lock:
             self._tasks.clear()
+            self._resolved = 0
 
     def busy_time(self, start: float, end: float, kinds: tuple[str, ...] = COMPUTE_KINDS) -> float:
         """Seconds of compute inside [start, end] (tasks of one rank never overlap in compute)."""

@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from . import health
 from .instrumentation import DataPathObserver
+from .streams import to_device
 
 if TYPE_CHECKING:
     from .expert_shard import ExpertShard
@@ -60,7 +61,7 @@ class ExchangePlan:
 
     send_splits: list[int]  # rows this rank dispatches to each rank
     recv_splits: list[int]  # rows this rank receives from each rank
-    recv_local_expert_R: torch.Tensor | None  # holders: local expert index of each received row
+    recv_local_expert_R: torch.Tensor | None  # holders: local expert index of each received row (on the device)
     row_dtype: torch.dtype
 
 
@@ -176,7 +177,8 @@ class SplitArithmetic:
         return send, [len(local_of[a]) for a in self.attention_ranks]
 
     def holder_plan(self, layer: int, rank: int, sources: tuple[int, ...], per_source_counts: torch.Tensor,
-                    send_splits: list[int], row_dtype: torch.dtype) -> ExchangePlan:
+                    send_splits: list[int], row_dtype: torch.dtype,
+                    device: torch.device = torch.device("cpu")) -> ExchangePlan:
         """A holder's plan from the counts it received: `per_source_counts` is (len(sources), experts held)."""
         mine = len(self.local_of[layer][rank])
         recv_splits = [0] * self.world
@@ -186,7 +188,7 @@ class SplitArithmetic:
             for i, src in enumerate(sources):
                 recv_splits[src] = int(per_source_counts[i].sum())
             ids = torch.arange(mine, dtype=torch.int64).repeat(len(sources))
-            local_expert_R = torch.repeat_interleave(ids, per_source_counts.reshape(-1))
+            local_expert_R = to_device(torch.repeat_interleave(ids, per_source_counts.reshape(-1)), device)
         return ExchangePlan(send_splits=send_splits, recv_splits=recv_splits, recv_local_expert_R=local_expert_R,
                             row_dtype=row_dtype)
 
@@ -243,7 +245,8 @@ class TokenTransport:
         send_splits = split.send_splits(layer, counts_E)
         held_counts = self._counts_from_attention(layer, counts_E)
         if held_counts is not None and self.holds(layer):
-            plan = split.holder_plan(layer, self.rank, split.attention_ranks, held_counts, send_splits, x_PH.dtype)
+            plan = split.holder_plan(layer, self.rank, split.attention_ranks, held_counts, send_splits, x_PH.dtype,
+                                     self.groups.device)
         else:
             plan = ExchangePlan(send_splits=send_splits, recv_splits=[0] * self.world, recv_local_expert_R=None,
                                 row_dtype=x_PH.dtype)
@@ -319,7 +322,8 @@ class TokenTransport:
         counts = torch.empty(sum(recv_count_splits), dtype=torch.int64)
         wait(_all_to_all(self.groups.counts, counts, torch.empty(0, dtype=torch.int64), recv_count_splits,
                          [0] * self.world), f"the expert-count exchange of layer {layer}", self.rank)
-        plan = split.holder_plan(layer, self.rank, split.attention_ranks, counts, [0] * self.world, row_dtype)
+        plan = split.holder_plan(layer, self.rank, split.attention_ranks, counts, [0] * self.world, row_dtype,
+                                 self.groups.device)
         x_RH = self._receive_rows(key, "forward", plan)
         self.observer.exchange_done("D", "F", key, start)
         if plan.recv_local_expert_R is not None:

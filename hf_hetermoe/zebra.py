@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .streams import StripeStreams
 from .transport import ExchangeKey, ExchangePlan, PendingExchange
 from .engine import _in_backward
 
@@ -164,6 +165,7 @@ class ZebraRunner:
         self.moe_index = {layer: i for i, layer in enumerate(sorted(moe_layers))}
         self.original_forward = base_model.forward
         self._handles: list[Any] = []
+        self.streams = StripeStreams(engine.groups.device, microbatches)  # one CUDA stream per stripe
 
     # ---- installation ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -234,6 +236,7 @@ class ZebraRunner:
         run.results = [None] * len(rows)
         kwargs["use_cache"] = False
         state = (torch.is_grad_enabled(), _autocast_state(embeds.device.type))
+        self.streams.begin()
         threads = [
             threading.Thread(target=self._stripe_main, args=(run, j, embeds, kwargs, state), daemon=True,
                              name=f"hetermoe-zebra-stripe{j}")
@@ -245,6 +248,7 @@ class ZebraRunner:
             t.join()
         if run.error is not None:
             raise run.error
+        self.streams.join([t for o in run.results if o is not None for t in _output_tensors(o)])
         anchor = torch.zeros((), requires_grad=True)  # makes the join's outputs require grad in any case
         results = ZebraJoin.apply(embeds, anchor, run)
         hidden, logits = results[0], tuple(results[1:])
@@ -259,7 +263,9 @@ class ZebraRunner:
         device_type = embeds.device.type
         _local.ctx = (run, stripe)
         try:
-            with torch.set_grad_enabled(grad_enabled), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            reads = (embeds, *(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+            with self.streams.stripe(stripe, reads), torch.set_grad_enabled(grad_enabled), \
+                    torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 run.baton.acquire(stripe)
                 _local.task_start = self.engine.instruments.now()
                 start, stop = run.rows[stripe]
@@ -413,6 +419,13 @@ def exchange_in_stripe(engine: Any, layer: int, x_PH: torch.Tensor, counts_E: to
     y_leaf = y_PH.detach().requires_grad_(keep)
     seg.exchange = Exchange(x_PH=x_PH, y_leaf=y_leaf, key=key, plan=plan)
     return y_leaf
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a stripe's base-model output (last hidden state, router logits)."""
+    tensors = [output.last_hidden_state]
+    tensors += [t for t in (getattr(output, "router_logits", None) or ()) if isinstance(t, torch.Tensor)]
+    return tensors
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
