@@ -11,10 +11,10 @@ import os
 import pytest
 from transformers import MixtralForCausalLM
 
+from tests._assertions import assert_same_losses, assert_same_weights
 from tests._dist import spawn
 from tests._jobs import train
 from tests._zebra_jobs import train_each
-from tests.test_golden_distributed import assert_same_losses, assert_same_weights
 
 M1 = {"attention_ranks": [0]}      # rank 0 attention, ranks 1-2 expert servers (2 experts each of 4)
 M2 = {"attention_ranks": [0, 1]}   # ranks 0-1 attention, rank 2 the expert server (4 experts)
