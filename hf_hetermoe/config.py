@@ -21,13 +21,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .asym_ea_placement import placement_for
+from .config_messages import fail as _fail
+from .config_messages import show as _show
 from .emulation import EmulationConfig
 
 MODES = ("disaggregated", "colocated")
@@ -37,25 +39,6 @@ MAX_WORLD_SIZE = 1 << 16
 # The control group waits up to 7 days (groups.CONTROL_TIMEOUT); a data-path timeout beyond that is a typo, and
 # an infinite one would overflow the backends' timedelta.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-
-# Error messages quote what the user wrote, but never all of it: a YAML alias can make a value recursive or
-# exponentially large when printed.
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 60
-_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 8
-_short.maxlevel = 3
-
-
-def _show(value: Any) -> str:
-    try:
-        return _short.repr(value)
-    except Exception:  # a value whose repr fails is still a mistake to report, not a crash
-        return f"<{type(value).__name__}>"
-
-
-def _fail(field_name: str, problem: str, fix: str) -> ValueError:
-    return ValueError(f"hetermoe config: `{field_name}` {problem}. {fix}")
-
 
 def _sorted_keys(keys: Any) -> list[str]:
     # YAML keys may be of any type (1, null, [a]); sort their text so a mixed set cannot raise TypeError.
@@ -446,8 +429,6 @@ class HeterMoEConfig:
         if self.asym_ea != "auto" and topology.mode == "disaggregated":
             # Build the placement now (it is cheap), so one that does not fit (moved experts that do not split over
             # the attention ranks, a placement file that does not match the model) fails before any group waits.
-            from .asym_ea import placement_for  # local import: asym_ea imports this module
-
             placement_for(self, layers=moe_layers, num_experts=num_experts, topology=topology)
 
 
