@@ -21,6 +21,8 @@ from tests._dist import spawn
 from tests._jobs import PROMPT, train, train_under_launcher
 from tests._zebra_jobs import train_each
 
+pytestmark = pytest.mark.slow  # every test here runs multi-process jobs
+
 M1 = {"attention_ranks": [0]}          # rank 0 attention, the rest expert servers
 M2 = {"attention_ranks": [0, 1]}
 
