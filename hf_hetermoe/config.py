@@ -110,7 +110,7 @@ class ZebraConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Topology:
-    """The resolved role of every global rank (DESIGN.md section 2)."""
+    """The resolved role of every global rank (docs/architecture.md)."""
 
     world_size: int
     mode: str
