@@ -32,7 +32,8 @@ def _run_stripes(rounds: list[int]) -> list[tuple[int, int]]:
             errors.append(exc)
             baton.fail()
 
-    threads = [threading.Thread(target=stripe, args=(j,)) for j in reversed(range(len(rounds)))]  # start order is irrelevant
+    # Started last stripe first: the order comes from the baton, not from when the threads start.
+    threads = [threading.Thread(target=stripe, args=(j,)) for j in reversed(range(len(rounds)))]
     for t in threads:
         t.start()
     for t in threads:

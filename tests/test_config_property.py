@@ -16,7 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import model_patches  # noqa: F401  check_model imports it (and transformers): seconds the per-example limit must not count
+# check_model imports model_patches (and transformers): seconds that the per-example time limit must not count.
+import model_patches  # noqa: F401
 from hf_hetermoe.config import MAX_WORLD_SIZE, MODES, HeterMoEConfig
 
 FIELDS = ["attention_ranks", "expert_ranks", "mode", "zebra", "asym_ea", "timeout_s", "emulation", "check_finite"]

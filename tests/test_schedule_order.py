@@ -22,7 +22,8 @@ BATCHED = FORWARD + [("A", "F", 3, 0), ("A", "F", 3, 1), ("H", "F", -1, -1), ("H
                      ("A", "B", 2, 0), ("A", "B", 2, 1)] + BOTTOM
 PAPER = FORWARD + [("A", "F", 3, 0), ("H", "F", -1, 0), ("H", "B", -1, 0), ("A", "B", 2, 0),
                    ("A", "F", 3, 1), ("H", "F", -1, 1), ("H", "B", -1, 1), ("A", "B", 2, 1)] + BOTTOM
-EXPERTS = [("E", "F", l, j) for l in range(3) for j in range(2)] + [("E", "B", l, j) for l in (2, 1, 0) for j in range(2)]
+EXPERTS = ([("E", "F", l, j) for l in range(3) for j in range(2)]
+           + [("E", "B", l, j) for l in (2, 1, 0) for j in range(2)])
 
 
 def test_timeline_keys_of_the_batched_head_variant():

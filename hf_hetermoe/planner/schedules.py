@@ -1,10 +1,10 @@
 """Task graphs of one training iteration for the simulator: zebra (ZP, ZP+Asym-EA, DistEP) and EP.
 
-Indexing follows Theorem 1 (HeterMoE paper; hf_hetermoe/schedule_order.py): attention *stage* l = 1..L is the work between combine l-1 and
-dispatch l, so stage 1 is embedding + attention 1 + router 1, stage L is the final norm, LM head and loss,
-and expert stages are l = 1..L-1 (one per MoE layer). Task names: A (attention stage), E (experts on an
-expert GPU), X (experts moved onto an attention GPU by Asym-EA), D (dispatch), C (combine); ^F / ^B for
-forward / backward; [l, j] = stage l, micro-batch j.
+Indexing follows Theorem 1 (HeterMoE paper; hf_hetermoe/schedule_order.py): attention *stage* l = 1..L is the work
+between combine l-1 and dispatch l, so stage 1 is embedding + attention 1 + router 1, stage L is the final norm, LM
+head and loss, and expert stages are l = 1..L-1 (one per MoE layer). Task names: A (attention stage), E (experts on
+an expert GPU), X (experts moved onto an attention GPU by Asym-EA), D (dispatch), C (combine); ^F / ^B for forward
+/ backward; [l, j] = stage l, micro-batch j.
 
 Backward of combine (C^B) sends expert-output gradients attention -> experts on the combine stream; backward
 of dispatch (D^B) returns expert-input gradients experts -> attention on the dispatch stream, so each
