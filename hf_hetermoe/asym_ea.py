@@ -23,7 +23,8 @@ from .asym_ea_placement import placement_for
 from .placement import ExpertPlacement
 
 if TYPE_CHECKING:
-    from .config import HeterMoEConfig, Topology
+    from .config import HeterMoEConfig
+    from .topology import Topology
 
 __all__ = ["TRAINING_COPIES", "auto_offloads", "auto_placement_counts", "check_fits", "describe_offloads",
            "family_top_k", "measure_times", "placement_for"]

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from .placement import ExpertPlacement
 
 if TYPE_CHECKING:
-    from .config import HeterMoEConfig, Topology
+    from .config import HeterMoEConfig
+    from .topology import Topology
 
 
 def placement_for(config: HeterMoEConfig, *, layers: tuple[int, ...], num_experts: int, topology: Topology,
