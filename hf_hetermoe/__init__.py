@@ -1,10 +1,19 @@
-"""hf-hetermoe: HeterMoE (attention on new GPUs, experts on old ones) for Hugging Face Transformers/Accelerate."""
+"""hf-hetermoe: HeterMoE (attention on new GPUs, experts on old ones) for Hugging Face Transformers/Accelerate.
 
-__version__ = "0.1.0"
+The public names load on first use (PEP 562), so `import hf_hetermoe.planner` or `hf_hetermoe.config` (pure
+Python) does not import torch, transformers' Trainer or the runtime.
+"""
 
-from .config import HeterMoEConfig, Topology, ZebraConfig  # noqa: E402
-from .integrations.trainer import HeterMoECallback  # noqa: E402
-from .patching import apply_hetermoe, gather_expert_weights, get_engine, revert_hetermoe  # noqa: E402
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from .config import HeterMoEConfig, Topology, ZebraConfig
+    from .integrations.trainer import HeterMoECallback
+    from .patching import apply_hetermoe, gather_expert_weights, get_engine, revert_hetermoe
 
 __all__ = [
     "HeterMoEConfig",
@@ -17,3 +26,21 @@ __all__ = [
     "revert_hetermoe",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("HeterMoEConfig", "Topology", "ZebraConfig"):
+        from . import config as module
+    elif name == "HeterMoECallback":
+        from .integrations import trainer as module
+    elif name in ("apply_hetermoe", "gather_expert_weights", "get_engine", "revert_hetermoe"):
+        from . import patching as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value  # later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

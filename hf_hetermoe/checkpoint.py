@@ -33,7 +33,7 @@ EXPERT_OPTIMIZER_FORMAT = "hf-hetermoe/expert-optimizer/v1"
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -21,40 +21,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from .asym_ea_placement import placement_for
+from .config_messages import fail as _fail
+from .config_messages import show as _show
 from .emulation import EmulationConfig
+from .topology import MAX_WORLD_SIZE, Topology, resolve_topology
+
+__all__ = ["MAX_TIMEOUT_S", "MAX_WORLD_SIZE", "MODES", "HeterMoEConfig", "Topology", "ZebraConfig"]
 
 MODES = ("disaggregated", "colocated")
-# Larger worlds are refused rather than resolved: a topology holds every rank, so an absurd WORLD_SIZE or
-# --num-processes (a typo such as 40000000) would otherwise spend minutes building tuples before failing.
-MAX_WORLD_SIZE = 1 << 16
 # The control group waits up to 7 days (groups.CONTROL_TIMEOUT); a data-path timeout beyond that is a typo, and
 # an infinite one would overflow the backends' timedelta.
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-
-# Error messages quote what the user wrote, but never all of it: a YAML alias can make a value recursive or
-# exponentially large when printed.
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = 60
-_short.maxlist = _short.maxtuple = _short.maxdict = _short.maxset = 8
-_short.maxlevel = 3
-
-
-def _show(value: Any) -> str:
-    try:
-        return _short.repr(value)
-    except Exception:  # a value whose repr fails is still a mistake to report, not a crash
-        return f"<{type(value).__name__}>"
-
-
-def _fail(field_name: str, problem: str, fix: str) -> ValueError:
-    return ValueError(f"hetermoe config: `{field_name}` {problem}. {fix}")
 
 
 def _sorted_keys(keys: Any) -> list[str]:
@@ -123,39 +107,6 @@ class ZebraConfig:
         if unknown:
             raise _fail("zebra", f"has unknown key(s) {unknown}", "Known keys: microbatches, expert_recompute.")
         return cls(microbatches=data.get("microbatches"), expert_recompute=data.get("expert_recompute", False))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Topology:
-    """The resolved role of every global rank (DESIGN.md section 2)."""
-
-    world_size: int
-    mode: str
-    attention_ranks: tuple[int, ...]
-    expert_ranks: tuple[int, ...]  # pure expert servers (empty in colocated mode)
-
-    @property
-    def num_attention(self) -> int:
-        return len(self.attention_ranks)
-
-    @property
-    def host_ranks(self) -> tuple[int, ...]:
-        """Ranks that hold routed experts by default: the servers, or every rank when colocated."""
-        return self.attention_ranks if self.mode == "colocated" else self.expert_ranks
-
-    def is_attention(self, rank: int) -> bool:
-        return rank in self.attention_ranks
-
-    def attention_index(self, rank: int) -> int:
-        return self.attention_ranks.index(rank)
-
-    def describe(self) -> str:
-        if self.mode == "colocated":
-            return f"colocated: {self.world_size} ranks, each runs attention and holds 1/{self.world_size} of the experts"
-        return (
-            f"disaggregated: attention ranks {list(self.attention_ranks)}, "
-            f"expert ranks {list(self.expert_ranks)} (world size {self.world_size})"
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,68 +279,14 @@ class HeterMoEConfig:
         return self.mode == "disaggregated" and self.expert_ranks is None and self.attention_ranks in (None, "auto")
 
     def resolve_topology(self, world_size: int, device_capabilities: list[tuple[int, int]] | None = None) -> Topology:
-        """Decide each rank's role for `world_size` processes.
+        """Decide each rank's role for `world_size` processes (topology.resolve_topology).
 
         `device_capabilities[r]` is rank r's device generation (CUDA compute capability); it is only needed for
         `attention_ranks: auto`, which picks the ranks on the newest devices.
         """
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(
-                f"hetermoe: the world size (WORLD_SIZE, --num-processes) must be a positive integer, got "
-                f"{_show(world_size)}. Launch with `hetermoe launch --num-processes N`."
-            )
-        if world_size > MAX_WORLD_SIZE:
-            raise ValueError(
-                f"hetermoe: the world size (WORLD_SIZE, --num-processes) is {world_size}, more than the largest "
-                f"supported ({MAX_WORLD_SIZE}). Check the number of processes."
-            )
-        if self.emulation is not None:
-            self.emulation.check_world(world_size)
-        if device_capabilities is not None and (
-            not isinstance(device_capabilities, (list, tuple)) or len(device_capabilities) != world_size
-        ):
-            raise ValueError(
-                f"hetermoe: {_show(device_capabilities)} does not give one device generation per rank of the world "
-                f"of {world_size}. Every rank reports its device; list `attention_ranks` explicitly to skip this."
-            )
-        if self.mode == "colocated":
-            if self.attention_ranks not in (None, "auto"):
-                if tuple(self.attention_ranks) != tuple(range(world_size)):
-                    raise _fail(
-                        "attention_ranks", f"is {_show(list(self.attention_ranks))} but colocated mode uses every rank "
-                        f"of the world of {world_size}", "Leave `attention_ranks` out in colocated mode.",
-                    )
-            ranks = tuple(range(world_size))
-            return Topology(world_size=world_size, mode="colocated", attention_ranks=ranks, expert_ranks=())
-
-        att = self.attention_ranks
-        if att is None or att == "auto":
-            if self.expert_ranks is not None:
-                att = tuple(r for r in range(world_size) if r not in self.expert_ranks)
-            else:
-                att = _auto_attention_ranks(world_size, device_capabilities)
-        for name, ranks in (("attention_ranks", att), ("expert_ranks", self.expert_ranks or ())):
-            bad = [r for r in ranks if r >= world_size]
-            if bad:
-                raise _fail(
-                    name, f"lists rank(s) {_show(bad)}, outside the world of {world_size} processes (ranks 0..{world_size - 1})",
-                    "Launch more processes or list ranks that exist.",
-                )
-        exp = self.expert_ranks if self.expert_ranks is not None else tuple(r for r in range(world_size) if r not in att)
-        if not exp:
-            raise _fail(
-                "attention_ranks", f"covers all {world_size} ranks, leaving no expert ranks",
-                "List fewer attention ranks, launch more processes, or use `mode: colocated`.",
-            )
-        covered = set(att) | set(exp)
-        if len(covered) != world_size:
-            missing = sorted(set(range(world_size)) - covered)
-            raise ValueError(
-                f"hetermoe config: `attention_ranks` {_show(list(att))} and `expert_ranks` {_show(list(exp))} cover "
-                f"{len(covered)} ranks but {world_size} processes were launched (rank(s) {_show(missing)} have no role). "
-                f"Launch {len(covered)} processes or give every rank a role."
-            )
-        return Topology(world_size=world_size, mode="disaggregated", attention_ranks=tuple(att), expert_ranks=tuple(exp))
+        return resolve_topology(world_size=world_size, mode=self.mode, attention_ranks=self.attention_ranks,
+                                expert_ranks=self.expert_ranks, emulation=self.emulation,
+                                device_capabilities=device_capabilities)
 
     # ---- stage 3: plus the model --------------------------------------------------------------------
     def check_model(self, model_config: Any, topology: Topology) -> None:
@@ -446,8 +343,6 @@ class HeterMoEConfig:
         if self.asym_ea != "auto" and topology.mode == "disaggregated":
             # Build the placement now (it is cheap), so one that does not fit (moved experts that do not split over
             # the attention ranks, a placement file that does not match the model) fails before any group waits.
-            from .asym_ea import placement_for  # local import: asym_ea imports this module
-
             placement_for(self, layers=moe_layers, num_experts=num_experts, topology=topology)
 
 
@@ -494,27 +389,6 @@ def _validate_asym_ea(value: Any) -> str | dict[int, int]:
         return out
     raise _fail("asym_ea", f"is {_show(value)}",
                 "Use off, auto, a mapping {layer: experts moved per expert rank}, or a placement .json file.")
-
-
-def _auto_attention_ranks(world_size: int, caps: list[tuple[int, int]] | None) -> tuple[int, ...]:
-    if not caps:
-        raise _fail(
-            "attention_ranks", "is auto, which needs every rank's device generation, and none was given",
-            "List `attention_ranks` explicitly (CPU runs always must).",
-        )
-    try:
-        caps = [tuple(int(v) for v in c) for c in caps]
-    except (TypeError, ValueError):
-        raise _fail("attention_ranks", f"is auto, and the device generations {_show(caps)} are not (major, minor) "
-                    "pairs", "List `attention_ranks` explicitly.") from None
-    newest = max(caps)
-    att = tuple(r for r, c in enumerate(caps) if c == newest)
-    if len(att) == world_size:
-        raise _fail(
-            "attention_ranks", f"is auto but all {world_size} ranks have the same device generation {newest}",
-            "List `attention_ranks` explicitly, or use `mode: colocated`.",
-        )
-    return att
 
 
 def _divisors(n: int, near: int) -> list[int]:

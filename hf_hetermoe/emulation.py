@@ -25,7 +25,7 @@ EMULATION_LABEL = "EMULATED"
 
 
 def _show(value: Any) -> str:
-    from .config import _show as show  # config imports this module; the helper lives there
+    from .config_messages import show  # shared with config.py, which imports this module
 
     return show(value)
 

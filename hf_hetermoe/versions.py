@@ -44,7 +44,7 @@ def _supported(version: str, spec: str) -> bool:
 def check_versions(installed: Mapping[str, str] | None = None) -> None:
     """Raise `UnsupportedVersionError` listing every dependency outside its supported range."""
     installed = installed_versions() if installed is None else installed
-    from . import __version__
+    from ._version import __version__
 
     bad = [(name, installed.get(name, "missing"), spec) for name, spec in SUPPORTED.items()
            if not _supported(installed.get(name, "missing"), spec)]

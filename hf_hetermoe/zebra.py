@@ -459,26 +459,3 @@ def _refuse_reentrant_checkpointing(layer: nn.Module) -> None:
             "gradient_checkpointing_kwargs={'use_reentrant': False} (the transformers default)."
         )
 
-
-def theorem1_order(num_layers: int, num_stripes: int, *, batched_top: bool = True) -> tuple[list, list]:
-    """Compute order of one micro-batch by Theorem 1, as timeline keys (kind, direction, layer, stripe).
-
-    Attention labels: a forward task ends at the dispatch of MoE layer `layer` (`num_layers` = the top stage
-    after the last exchange); a backward task ends at the dispatch of `layer`'s output gradients (-1 = the
-    bottom, after the first layer). "H" is the head and loss. `batched_top=True` is what this runner does (the
-    top stage's forwards of all stripes, the head over the whole micro-batch, then the top stage's backwards);
-    `batched_top=False` is the paper's order, where forward and backward of the top stage alternate per stripe.
-    Expert ranks: E^F layer by layer with stripes in order, then E^B downwards, the same in both.
-    """
-    L, stripes = num_layers, range(num_stripes)
-    attention = [("A", "F", layer, j) for layer in range(L) for j in stripes]
-    if batched_top:
-        attention += [("A", "F", L, j) for j in stripes] + [("H", "F", -1, -1), ("H", "B", -1, -1)]
-        attention += [("A", "B", L - 1, j) for j in stripes]
-    else:
-        for j in stripes:
-            attention += [("A", "F", L, j), ("H", "F", -1, j), ("H", "B", -1, j), ("A", "B", L - 1, j)]
-    attention += [("A", "B", layer, j) for layer in range(L - 2, -2, -1) for j in stripes]
-    experts = [("E", "F", layer, j) for layer in range(L) for j in stripes]
-    experts += [("E", "B", layer, j) for layer in reversed(range(L)) for j in stripes]
-    return attention, experts

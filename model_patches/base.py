@@ -1,6 +1,6 @@
 """What HeterMoE needs to know about one MoE family, and the registry keyed by `config.model_type`.
 
-A family describes how its decoder layer splits (DESIGN.md section 4). HeterMoE keeps the stock MoE block and
+A family describes how its decoder layer splits (docs/architecture.md). HeterMoE keeps the stock MoE block and
 its forward (router called through `__call__`, shared experts, residual) and swaps only the block's routed
 `experts` submodule for a remote one with the same call signature. So a family says:
 - which modules are the routed-experts submodules (and in which layer),

@@ -54,6 +54,8 @@ def _context():
 
 def spawn(world: int, target: Callable, *args: Any, env: dict | None = None, timeout: float = 300) -> list[Any]:
     """Run `target(*args)` in `world` processes; return the per-rank results or raise with every failure."""
+    if os.environ.get("HETERMOE_TEST_IS_SLOW") == "0":  # set by tests/conftest.py for each test
+        raise AssertionError("spawn() starts a multi-process job: mark the test @pytest.mark.slow")
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()

@@ -11,10 +11,10 @@ import os
 import pytest
 from transformers import MixtralForCausalLM
 
+from tests._assertions import assert_same_losses, assert_same_weights
 from tests._dist import spawn
 from tests._jobs import train
 from tests._zebra_jobs import train_each
-from tests.test_golden_distributed import assert_same_losses, assert_same_weights
 
 M1 = {"attention_ranks": [0]}      # rank 0 attention, ranks 1-2 expert servers (2 experts each of 4)
 M2 = {"attention_ranks": [0, 1]}   # ranks 0-1 attention, rank 2 the expert server (4 experts)
@@ -37,7 +37,9 @@ def held_by(placement: dict, rank: int) -> dict:
             else [e for e, r in enumerate(row) if r == rank] for layer, row in placement["owner"].items()}
 
 
-def test_placements_m1_n2(base, stock):
+@pytest.fixture(scope="module")
+def placements_m1_n2(base):
+    """Five placements trained under one launcher session (M=1, N=2); paper_r2 writes checkpoint-4."""
     placement_file = base / "placement.json"
     placement_file.write_text(json.dumps(IRREGULAR))
     emulation = {"devices": ["L40S", "T4", "T4"], "model": "D1", "seq_len": 2048}
@@ -50,7 +52,12 @@ def test_placements_m1_n2(base, stock):
     }
     runs = [(config, {"output_dir": str(base / name), "final_dir": str(base / f"{name}_final")} | extra)
             for name, (config, extra) in cases.items()]
-    results = dict(zip(cases, spawn(3, train_each, dict(M1, emulation=emulation), runs)[0]))
+    return dict(zip(cases, spawn(3, train_each, dict(M1, emulation=emulation), runs)[0]))
+
+
+@pytest.mark.slow
+def test_placements_m1_n2(base, stock, placements_m1_n2):
+    results = placements_m1_n2
     for name, ours in results.items():
         assert_same_losses(stock, ours)
         assert_same_weights(base / "stock_final", base / f"{name}_final")
@@ -65,10 +72,10 @@ def test_placements_m1_n2(base, stock):
     assert stock_class.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 4
 
 
-def test_resume_with_experts_on_attention_ranks(base, stock):
-    checkpoint = str(base / "paper_r2" / "checkpoint-4")
-    if not os.path.isdir(checkpoint):
-        pytest.fail("test_placements_m1_n2 must run first (it writes the checkpoint)")
+@pytest.mark.slow
+def test_resume_with_experts_on_attention_ranks(base, placements_m1_n2):
+    checkpoint = str(base / "paper_r2" / "checkpoint-4")  # written by the placements_m1_n2 job
+    assert os.path.isdir(checkpoint)
     runs = [({"asym_ea": PAPER}, {"output_dir": str(base / "resume_same"), "final_dir": str(base / "resume_same_final"),
                                   "resume_from": checkpoint}),
             ({"asym_ea": "off"}, {"output_dir": str(base / "resume_off"), "final_dir": str(base / "resume_off_final"),
@@ -79,6 +86,7 @@ def test_resume_with_experts_on_attention_ranks(base, stock):
     assert_same_weights(base / "paper_r2_final", base / "resume_off_final")
 
 
+@pytest.mark.slow
 def test_m2_n1(base):
     ddp = spawn(2, train, {"output_dir": str(base / "ddp"), "final_dir": str(base / "ddp_final")})[0]
     runs = [({"asym_ea": {1: 2, 2: 2}, "zebra": {"microbatches": r}},

@@ -47,6 +47,7 @@ def test_launch_rejects_missing_script(capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stock_script_runs_unmodified_on_2_attention_and_2_expert_ranks(tmp_path):
     out = tmp_path / "out"
     result = run_cli(
@@ -65,6 +66,7 @@ def test_stock_script_runs_unmodified_on_2_attention_and_2_expert_ranks(tmp_path
         assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
 
 
+@pytest.mark.slow
 def test_launch_exits_nonzero_when_a_rank_fails(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text("attention_ranks: [0]\n")
@@ -74,6 +76,7 @@ def test_launch_exits_nonzero_when_a_rank_fails(tmp_path):
     assert "no_such_flag" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     result = run_cli("demo", "--max-steps", "12", "--output-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,7 @@ def write(tmp_path, text):
     return path
 
 
-def test_issue_example_file_round_trips(tmp_path):
+def test_a_complete_example_file_round_trips(tmp_path):
     cfg = HeterMoEConfig.from_yaml(write(tmp_path, """
 attention_ranks: [0, 1]
 expert_ranks: [2, 3]

@@ -466,6 +466,7 @@ def golden(base):
     return stock, dict(zip(FAMILIES, ours))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_golden_1_attention_2_expert_ranks(name, base, golden):
     stock, ours = golden[0][name], golden[1][name]

@@ -16,32 +16,15 @@ from safetensors import safe_open
 from transformers import MixtralForCausalLM
 
 from hf_hetermoe.checkpoint import EXPERT_OPTIMIZER_FILE
+from tests._assertions import assert_same_losses, assert_same_weights, logged
 from tests._dist import spawn
 from tests._jobs import PROMPT, train, train_under_launcher
 from tests._zebra_jobs import train_each
 
+pytestmark = pytest.mark.slow  # every test here runs multi-process jobs
+
 M1 = {"attention_ranks": [0]}          # rank 0 attention, the rest expert servers
 M2 = {"attention_ranks": [0, 1]}
-
-
-def stock_weights(folder) -> dict:
-    return MixtralForCausalLM.from_pretrained(folder).state_dict()
-
-
-def assert_same_weights(folder_a, folder_b, atol=1e-5) -> None:
-    a, b = stock_weights(folder_a), stock_weights(folder_b)
-    assert set(a) == set(b)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= atol, f"weights differ by {worst:.3g}"
-
-
-def assert_same_losses(reference: dict, ours: dict, rtol=1e-5) -> None:
-    assert len(ours["losses"]) == len(reference["losses"]) == 16
-    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(reference["losses"]), rtol=rtol, atol=0)
-
-
-def logged(result: dict, key: str) -> list[float]:
-    return [h[key] for h in result["log_history"] if key in h]
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,7 @@ def interrupted(tmp_path_factory):
     return base, spec, result
 
 
+@pytest.mark.slow
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint_complete(interrupted):
     base, spec, result = interrupted
     assert result.returncode == -9, result.stderr[-3000:]  # killed inside the save, as arranged
@@ -117,6 +118,7 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_complete(interrup
     assert isinstance(MixtralForCausalLM.from_pretrained(run / "checkpoint-2"), MixtralForCausalLM)
 
 
+@pytest.mark.slow
 def test_resume_after_the_kill_reaches_the_uninterrupted_weights(interrupted, monkeypatch):
     base, spec, _ = interrupted
     # Uninterrupted references in this process: HeterMoE (colocated) and stock transformers.

@@ -19,6 +19,8 @@ import time
 import psutil
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs multi-process jobs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 20  # the job's timeout_s
 MARGIN_S = 10  # process teardown and the agent's 0.1 s monitor interval, on 2 busy cores

@@ -116,6 +116,7 @@ STOPPED_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a child interpreter that imports torch.distributed (seconds)
 def test_a_rank_stopped_by_its_launcher_says_what_it_was_waiting_for():
     proc = subprocess.Popen([sys.executable, "-c", STOPPED_CHILD.format(repo=REPO)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -25,6 +25,8 @@ from tests._dist import spawn
 from tests._jobs import tiny_mixtral_config, train
 from tests._reliability_jobs import MEDIUM, MEDIUM_BATCH, MEDIUM_SEQ, InjectNaN, forced_tiny, train_or_serve
 
+pytestmark = pytest.mark.slow  # every test here runs multi-process jobs
+
 NAN_AT = dict(step=3, layer=1, expert=2)  # expert 2 lives on expert rank 2
 
 

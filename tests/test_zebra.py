@@ -1,4 +1,5 @@
-"""Zebra parallelism: the Theorem-1 order read from the recorded timelines, and overlap under device emulation.
+"""Zebra parallelism: the runtime's compute order (the batched-head variant of Theorem 1) read from the recorded
+timelines, and overlap under device emulation. The orders themselves are tested in tests/test_schedule_order.py.
 
 (Golden equivalence for R in {1, 2, 4}, M in {1, 2}, with accumulation and checkpointing, is in
 tests/test_golden_distributed.py.)
@@ -8,30 +9,16 @@ import json
 import os
 import statistics
 
+import pytest
 
-from hf_hetermoe.zebra import theorem1_order
+from hf_hetermoe.schedule_order import timeline_order
+from tests._assertions import assert_same_losses, assert_same_weights
 from tests._dist import spawn
 from tests._jobs import train
 from tests._zebra_jobs import train_each
-from tests.test_golden_distributed import assert_same_losses, assert_same_weights
 
 M1 = {"attention_ranks": [0]}  # rank 0 attention, rank 1 expert server
 LAYERS = 4
-
-
-def test_theorem1_order_itself():
-    attention, experts = theorem1_order(3, 2)
-    paper_attention, paper_experts = theorem1_order(3, 2, batched_top=False)
-    assert experts == paper_experts
-    assert experts[:6] == [("E", "F", l, j) for l in range(3) for j in range(2)]
-    assert experts[6:] == [("E", "B", l, j) for l in (2, 1, 0) for j in range(2)]
-    # Every attention stage appears once per stripe and direction; only the top stage's interleaving differs.
-    assert sorted(t for t in attention if t[0] == "A") == sorted(t for t in paper_attention if t[0] == "A")
-    assert len(set(attention)) == len(attention)
-    top = {("A", "F", 3, j) for j in range(2)} | {("A", "B", 2, j) for j in range(2)}
-    strip = lambda order: [t for t in order if t not in top and t[0] != "H"]  # noqa: E731
-    assert strip(attention) == strip(paper_attention)
-    assert paper_attention[6:10] == [("A", "F", 3, 0), ("H", "F", -1, 0), ("H", "B", -1, 0), ("A", "B", 2, 0)]
 
 
 def _read_trace(folder, rank):
@@ -46,8 +33,10 @@ def _order(tasks, kinds, window=None):
     return [t[:4] for t in sorted(chosen, key=lambda t: t[4])]
 
 
-def test_compute_order_is_theorem_1(tmp_path):
-    """One micro-batch (L=4 MoE layers) for R = 2 and R = 3: attention and expert compute order, from traces."""
+@pytest.mark.slow
+def test_runtime_compute_order_is_the_batched_head_variant(tmp_path):
+    """One micro-batch (L=4 MoE layers) for R = 2 and R = 3: attention and expert compute order, from traces,
+    equal the batched-head variant of Theorem 1 (the paper's order except at the top stage)."""
     runs = []
     for r in (2, 3):
         spec = {"output_dir": str(tmp_path / f"r{r}"), "model": {"num_hidden_layers": LAYERS}, "max_steps": 1,
@@ -57,7 +46,7 @@ def test_compute_order_is_theorem_1(tmp_path):
     server = _read_trace(tmp_path / "servers", 1)
     for r in (2, 3):
         attention = _read_trace(tmp_path / f"trace{r}", 0)
-        expected_attention, expected_experts = theorem1_order(LAYERS, r)
+        expected_attention, expected_experts = timeline_order(LAYERS, r, batched_head=True)
         assert _order(attention, ("A", "H")) == expected_attention
         window = (min(t[4] for t in attention), max(t[5] for t in attention))
         assert _order(server, ("E",), window) == expected_experts
@@ -72,6 +61,7 @@ def test_compute_order_is_theorem_1(tmp_path):
 EMULATION = {"devices": ["A40", "V100"], "model": "D1", "seq_len": 16384}
 
 
+@pytest.mark.slow
 def test_zebra_overlaps_under_emulation(tmp_path):
     """With emulated A40 (attention) and V100 (experts), R = 2 iterations are faster than R = 1 (DistEP)."""
     model = {"num_hidden_layers": 4, "num_local_experts": 24}
@@ -90,6 +80,7 @@ def test_zebra_overlaps_under_emulation(tmp_path):
     assert iteration[2] < iteration[1], iteration
 
 
+@pytest.mark.slow
 def test_stripes_without_rows(tmp_path):
     """R = 4 with 2 rows per micro-batch: two stripes are empty but still take part in every exchange."""
     spec = {"batch_size": 2, "model": {"num_hidden_layers": 2}}

@@ -1,4 +1,4 @@
-"""Asym-EA: Algorithm 1 ("gather and squeeze", PAPER.md) and the concrete expert placement it implies.
+"""Asym-EA: Algorithm 1 ("gather and squeeze", HeterMoE paper) and the concrete expert placement it implies.
 
 When one micro-batch's expert compute on an expert GPU (T_E^Exp) outlasts its attention on an attention GPU
 (T_A^Attn), attention GPUs idle T_gather = T_E^Exp - T_A^Attn per layer. The algorithm gathers that bubble

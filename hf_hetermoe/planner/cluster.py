@@ -22,7 +22,7 @@ from .profiles import BUILTIN_GPUS, DeviceCosts
 LINK_EFFICIENCY = 0.8  # achieved fraction of line rate for large NCCL all-to-all messages over RoCE
 COLLECTIVE_LATENCY_S = 50e-6  # fixed cost of one inter-node all-to-all call
 
-# The paper's evaluation clusters (PAPER.md "Evaluation").
+# The paper's evaluation clusters (HeterMoE paper, "Evaluation").
 CLUSTER_PRESETS: dict[str, tuple[str, float]] = {
     "O1": ("6xA40,6xV100", 100.0),
     "O2": ("4xA40,8xV100", 100.0),

@@ -93,15 +93,15 @@ def main_plan(argv: list[str]) -> int:
 
 
 def _plan(argv: list[str]) -> int:
-    from .gantt import draw_gantt
-    from .planning import make_plan
-    from .tables import results_table
-
     p = _Parser(prog="hetermoe plan", description="Predict every strategy and write the best plan.")
     _setup_arguments(p)
     p.add_argument("--out", default=".", help="directory for the YAML config, placement and Gantt chart")
     p.add_argument("--max-microbatches", type=int, default=16)
     args = p.parse_args(argv)
+    # Imported after parsing: --help and argument errors answer without scipy and matplotlib.
+    from .gantt import draw_gantt
+    from .planning import make_plan
+    from .tables import results_table
     if args.max_microbatches < 1:
         raise ValueError(f"--max-microbatches must be at least 1, got {args.max_microbatches}.")
     setup = _setup_from(args)
@@ -162,12 +162,6 @@ def main_simulate(argv: list[str]) -> int:
 
 
 def _simulate(argv: list[str]) -> int:
-    from ..config import HeterMoEConfig
-    from .gantt import draw_gantt
-    from .lower_bound import lower_bound
-    from .strategies import run_distep, run_ep, run_ep_ideal, run_zp, run_zp_asym
-    from .tables import results_table
-
     p = _Parser(prog="hetermoe simulate", description="Simulate one strategy (or all) and print its metrics.")
     _setup_arguments(p)
     p.add_argument("--strategy", default="all", help="ep, ep-ideal, distep, zp, zp+asym-ea or all")
@@ -176,6 +170,12 @@ def _simulate(argv: list[str]) -> int:
     p.add_argument("--config", help="a hetermoe YAML config: its mode, zebra.microbatches and asym_ea are used")
     p.add_argument("--gantt", metavar="PNG", help="write the Gantt chart of the (last) simulated schedule")
     args = p.parse_args(argv)
+    # Imported after parsing: --help and argument errors answer without scipy and matplotlib.
+    from ..config import HeterMoEConfig
+    from .gantt import draw_gantt
+    from .lower_bound import lower_bound
+    from .strategies import run_distep, run_ep, run_ep_ideal, run_zp, run_zp_asym
+    from .tables import results_table
     setup = _setup_from(args)
     strategy = _STRATEGY_ALIASES.get(args.strategy.lower())
     if strategy is None:

@@ -1,4 +1,4 @@
-"""The paper's evaluation models W1, W2, D1, D2, D3 (PAPER.md "Evaluation") and model lookup by name or path.
+"""The paper's evaluation models W1, W2, D1, D2, D3 (HeterMoE paper, "Evaluation") and model lookup by name or path.
 
 The paper gives layers, hidden size and experts; the rest follows Mixtral-8x7B's proportions (Mixtral
 architecture, top-2): expert FFN size 3.5 h (14336 / 4096), head_dim 128, grouped-query attention with 4 query

@@ -1,4 +1,4 @@
-"""The profiler (PAPER.md "Profiler"): time one attention half + router, one expert FFN and the LM head on
+"""The profiler (HeterMoE paper, "Profiler"): time one attention half + router, one expert FFN and the LM head on
 each device present, measure the activation memory they keep, and write a profile file (`profile_file.py`).
 
 Only what is needed is built, from the model config with random weights: one decoder layer's attention half

@@ -12,14 +12,14 @@ Two kinds exist: `DeviceProfile` (analytic, built in for V100, T4, A40, L40S, A1
 Sources and assumptions of the built-in table
 ---------------------------------------------
 * Peak dense fp16/bf16 tensor-core TFLOP/s, memory size and memory bandwidth are the vendors' datasheet
-  figures restated in PAPER.md's appendix (T4 65, V100-SXM2 125, A40 149.7, A100-SXM 312, L40S 362,
+  figures (T4 65, V100-SXM2 125, A40 149.7, A100-SXM 312, L40S 362,
   H100-SXM 989, H200 989 TFLOP/s). The fp32 column is the datasheet's TF32 tensor rate where the GPU has one,
   else the CUDA-core FP32 rate (V100 15.7, T4 8.1).
 * `gemm_eff` is the fraction of that peak reached by large fp16 GEMMs (expert FFNs, projections, LM head).
   Assumed from commonly reported cuBLAS measurements, then pinned by the paper's Figure 2: V100 reaches 0.8x
   of A40 on experts and L40S 7.0x T4, which fixes the V100:A40 and T4:L40S efficiency ratios (the peak ratios
   alone would give 0.84x and 5.6x). Absolute levels: A40 0.70, L40S 0.60 (both are power-capped cards), A100
-  0.80, H100 0.72; H200 0.80 from the ~790 TFLOP/s measured on an 8192^3 bf16 matmul (PAPER.md appendix).
+  0.80, H100 0.72; H200 0.80 from the ~790 TFLOP/s measured on an 8192^3 bf16 matmul.
 * Core attention (QK^T, softmax, PV) is modelled as its causal FLOPs (quadratic in sequence length) at an
   efficiency that depends on the kernel class and grows with sequence length:
   ``eff(S) = attn_eff_max * S / (S + attn_s_half)``. Ampere and newer run FlashAttention-2 (the FA2 paper

@@ -3,7 +3,7 @@
     python -m hf_hetermoe.planner.report            # print the markdown
     python -m hf_hetermoe.planner.report --write docs/planner.md   # replace the generated section there
 
-Setups (PAPER.md "Evaluation"): clusters O1-O3, C1-C2 x models W1, W2, D1, D2, D3 x sequence lengths 4K-32K,
+Setups (HeterMoE paper, "Evaluation"): clusters O1-O3, C1-C2 x models W1, W2, D1, D2, D3 x sequence lengths 4K-32K,
 default global batch (`workload.default_global_batch`). A model whose experts do not divide over a cluster's
 expert GPUs cannot run disaggregated and is listed as skipped. Nothing here is tuned per setup.
 """

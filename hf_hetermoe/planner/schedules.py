@@ -1,10 +1,10 @@
 """Task graphs of one training iteration for the simulator: zebra (ZP, ZP+Asym-EA, DistEP) and EP.
 
-Indexing follows Theorem 1 (PAPER.md): attention *stage* l = 1..L is the work between combine l-1 and
-dispatch l, so stage 1 is embedding + attention 1 + router 1, stage L is the final norm, LM head and loss,
-and expert stages are l = 1..L-1 (one per MoE layer). Task names: A (attention stage), E (experts on an
-expert GPU), X (experts moved onto an attention GPU by Asym-EA), D (dispatch), C (combine); ^F / ^B for
-forward / backward; [l, j] = stage l, micro-batch j.
+Indexing follows Theorem 1 (HeterMoE paper; hf_hetermoe/schedule_order.py): attention *stage* l = 1..L is the work
+between combine l-1 and dispatch l, so stage 1 is embedding + attention 1 + router 1, stage L is the final norm, LM
+head and loss, and expert stages are l = 1..L-1 (one per MoE layer). Task names: A (attention stage), E (experts on
+an expert GPU), X (experts moved onto an attention GPU by Asym-EA), D (dispatch), C (combine); ^F / ^B for forward
+/ backward; [l, j] = stage l, micro-batch j.
 
 Backward of combine (C^B) sends expert-output gradients attention -> experts on the combine stream; backward
 of dispatch (D^B) returns expert-input gradients experts -> attention on the dispatch stream, so each
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..schedule_order import Step, attention_order, expert_order
 from .simulator import COMBINE, COMPUTE, DISPATCH, TaskGraph
 
 Loads = dict[tuple[str, str], float]
@@ -64,10 +65,11 @@ class ZebraCosts:
 def build_zebra(c: ZebraCosts, *, batched_head: bool = False) -> TaskGraph:
     """The Theorem-1 schedule (with Asym-EA's attention-side experts after each layer's attention).
 
-    Compute tasks are created in Theorem-1 order per group, which `TaskGraph.add` records as the stream order;
-    a test may replace `graph.orders` with any other order. `batched_head=True` is the runtime's variant
-    (hf_hetermoe/zebra.py): the stock Trainer computes one loss per micro-batch, so the top stage's forwards
-    of all micro-batches come first, then its backwards, and no output gradient leaves before the last one.
+    The compute streams' orders (`graph.orders`) come from `hf_hetermoe.schedule_order` (attention_order,
+    expert_order); a test may replace them with any other order. Tasks are created in the same order, so
+    collectives that become ready at the same time keep breaking ties as before. `batched_head=True` is the
+    runtime's variant: the stock Trainer computes one loss per micro-batch, so the top stage's forwards of all
+    micro-batches come first, then its backwards, and no output gradient leaves before the last one.
     """
     L, R = c.num_stages, c.num_microbatches
     g = TaskGraph()
@@ -134,7 +136,16 @@ def build_zebra(c: ZebraCosts, *, batched_head: bool = False) -> TaskGraph:
                 cb[(l - 1, j)] = g.add(name=f"C^B[{l - 1},{j}]", kind="combine_b", stream=COMBINE, groups=both,
                                        loads=reverse(c.combine[l - 2][j - 1]), deps=(ab[(l, j)],), layer=l - 1,
                                        microbatch=j)
+    asym_ea = [l for l in range(1, L) if has_x(l)]
+    g.orders = {ATTN: _task_ids(g, attention_order(L, R, batched_head=batched_head, asym_ea_stages=asym_ea)),
+                EXP: _task_ids(g, expert_order(L, R))}
     return g
+
+
+def _task_ids(g: TaskGraph, order: list[Step]) -> list[int]:
+    """Task ids of `order`'s steps ("H" is part of stage L's "A" tasks here; stripes are micro-batches 1..R)."""
+    ids = {task.name: task.id for task in g.tasks}
+    return [ids[f"{s.kind}^{s.direction}[{s.stage},{s.stripe + 1}]"] for s in order if s.kind != "H"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
 """Discrete-event simulator of one training iteration over groups of identical GPUs.
 
-Model (PAPER.md "Zebra parallelism"): every GPU has one compute stream and two communication streams
+Model (HeterMoE paper, "Zebra parallelism"): every GPU has one compute stream and two communication streams
 (dispatch, combine). A *group* is a set of identical GPUs doing identical work (the attention pool, the
 expert pool), so one timeline stands for all of its GPUs.
 

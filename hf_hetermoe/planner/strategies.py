@@ -1,6 +1,6 @@
 """Simulate each training strategy for one setup and summarise it (iteration time, tokens/s, utilisation).
 
-Strategies (PAPER.md "Evaluation"): EP (colocated on all GPUs), EP(Ideal) (EP on each GPU type alone, the
+Strategies (HeterMoE paper, "Evaluation"): EP (colocated on all GPUs), EP(Ideal) (EP on each GPU type alone, the
 throughputs summed: not a schedule, a bound for any non-disaggregated system), DistEP (disaggregated, one
 micro-batch), ZP (zebra, Theorem-1 order) and ZP+Asym-EA (zebra with Algorithm 1's placement). The lower
 bound (`lower_bound.py`) is reported beside them.
