@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .schedule_order import segmented_backward_order
 from .streams import StripeStreams
 from .transport import ExchangeKey, ExchangePlan, PendingExchange
 from .engine import _in_backward
@@ -298,42 +299,49 @@ class ZebraRunner:
 
     # ---- backward ---------------------------------------------------------------------------------------------
     def backward(self, run: ZebraRun, g_hidden: torch.Tensor | None, g_logits: list) -> torch.Tensor | None:
+        """Walk the segments in the one encoded Theorem-1 order (schedule_order.segmented_backward_order)."""
         engine = self.engine
         instruments = engine.instruments
-        stripes = range(run.num_stripes)
-        top = len(self.layers) - 1
-        g_rows = [self._rows_of(g_hidden, run, j) for j in stripes]
+        top, last_stripe = len(self.layers) - 1, run.num_stripes - 1
+        g_seg: list[torch.Tensor | None] = [self._rows_of(g_hidden, run, j) for j in range(run.num_stripes)]
         pending: dict[tuple[int, int], PendingExchange | None] = {}
-        g_seg: list[torch.Tensor | None] = list(g_rows)
-        for j in stripes:  # top stage: dy of the last layer's experts, for every stripe
-            start = instruments.now()
-            pending[(top, j)] = self._stage1(run, top, j, run.hidden(j), g_seg[j])
-            instruments.attention_done("B", top, j, start, num_seqs=0)
-        engine.finish_layer(top)
-        for layer in reversed(range(len(self.layers))):
-            for j in stripes:
-                exchange = pending.pop((layer, j), None)
-                dx = exchange.wait() if exchange is not None else None  # waiting is not attention work
-                start = instruments.now()
+        start = instruments.now()
+        for step in segmented_backward_order(len(self.layers), run.num_stripes):
+            layer, j = step.layer, step.stripe
+            if step.stage == 1:
                 out = run.hidden(j) if layer == top else run.segment(layer, j).out
-                g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, dx)
-                # The task ends where this stripe's output gradients for the layer below leave.
-                instruments.attention_done("B", layer - 1, j, start, num_seqs=run.rows[j][1] - run.rows[j][0])
-                if layer > 0:
-                    below = run.segment(layer - 1, j).out
-                    pending[(layer - 1, j)] = self._stage1(run, layer - 1, j, below, g_seg[j])
-            if layer > 0:
-                engine.finish_layer(layer - 1)
-            params = list(self.layers[layer].parameters())
-            if layer == top:
-                params += [p for n, p in self.base.named_parameters() if not n.startswith("layers.")
-                           and not n.startswith(_embedding_prefix(self.base))]
-            engine.reduce_gradients_async(params)
-        grads = [run.inputs[j].grad if run.inputs[j] is not None else None for j in stripes]
+                pending[(layer, j)] = self._stage1(run, layer, j, out, g_seg[j])
+                if layer == top:  # the top stage's backward of this stripe ends with its dy (unpadded)
+                    instruments.attention_done("B", top, j, start, num_seqs=0)
+                    start = instruments.now()
+                if j == last_stripe:
+                    engine.finish_layer(layer)  # every stripe's dy of this layer left: held experts, combines
+                    if layer < top:
+                        self._reduce_layer_gradients(layer + 1)
+                continue
+            exchange = pending.pop((layer, j), None)
+            dx = exchange.wait() if exchange is not None else None  # waiting is not attention work
+            start = instruments.now()
+            out = run.hidden(j) if layer == top else run.segment(layer, j).out
+            g_seg[j] = self._stage2(run, layer, j, out, g_seg[j], g_logits, dx)
+            # The task ends where this stripe's output gradients for the layer below leave.
+            instruments.attention_done("B", layer - 1, j, start, num_seqs=run.rows[j][1] - run.rows[j][0])
+            if layer == 0 and j == last_stripe:
+                self._reduce_layer_gradients(0)
+        grads = [run.inputs[j].grad if run.inputs[j] is not None else None for j in range(run.num_stripes)]
         present = [g for g in grads if g is not None]
         if not present:
             return None
         return torch.cat(present)
+
+    def _reduce_layer_gradients(self, layer: int) -> None:
+        """Every stripe's backward through `layer` is done: start averaging its gradients over attention ranks
+        (the top layer brings the head, final norm and other non-layer parameters but the embeddings)."""
+        params = list(self.layers[layer].parameters())
+        if layer == len(self.layers) - 1:
+            params += [p for n, p in self.base.named_parameters() if not n.startswith("layers.")
+                       and not n.startswith(_embedding_prefix(self.base))]
+        self.engine.reduce_gradients_async(params)
 
     @staticmethod
     def _rows_of(g: torch.Tensor | None, run: ZebraRun, stripe: int) -> torch.Tensor | None:
