@@ -10,13 +10,16 @@ Legend: T tokens, K top-k, P = T*K pairs, H hidden, E experts per layer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import zebra
+from . import zebra_run
+
+if TYPE_CHECKING:
+    from .engine import HeterMoEEngine
 
 
 class ExpertExchange(torch.autograd.Function):
@@ -24,7 +27,8 @@ class ExpertExchange(torch.autograd.Function):
     backward: dispatch the output gradients dy_PH to the same holders, combine the input gradients dx_PH."""
 
     @staticmethod
-    def forward(ctx, x_PH: torch.Tensor, engine: Any, layer: int, counts_E: torch.Tensor, context: Any) -> torch.Tensor:
+    def forward(ctx, x_PH: torch.Tensor, engine: "HeterMoEEngine", layer: int, counts_E: torch.Tensor,
+                context: tuple) -> torch.Tensor:
         y_PH, handle = engine.forward_exchange(layer, x_PH, counts_E, context)
         ctx.engine = engine
         ctx.handle = handle
@@ -41,7 +45,7 @@ class HeterMoEExperts(nn.Module):
     """Routed experts of one MoE layer, held on other ranks (or partly here). Has no parameters of its own:
     its state-dict entries (`gate_up_proj`, `down_proj`, full `(E, ...)` tensors) are gathered from the holders."""
 
-    def __init__(self, *, engine: Any, layer: int, num_experts: int, original: nn.Module):
+    def __init__(self, *, engine: "HeterMoEEngine", layer: int, num_experts: int, original: nn.Module):
         super().__init__()
         self.engine = engine
         self.layer = layer
@@ -62,9 +66,9 @@ class HeterMoEExperts(nn.Module):
         # The one device-to-host copy of an exchange, on purpose: all-to-all splits are host integers.
         counts_E = torch.bincount(expert_P, minlength=self.num_experts).cpu()
         x_PH = hidden_TH[perm_P // top_k]
-        if zebra.active_stripe() is not None:
-            # Inside a zebra stripe: dispatch asynchronously and let the next stripe run (see zebra.py).
-            y_PH = zebra.exchange_in_stripe(self.engine, self.layer, x_PH, counts_E)
+        if zebra_run.active_stripe() is not None:
+            # Inside a zebra stripe: dispatch asynchronously and let the next stripe run (see zebra_run.py).
+            y_PH = zebra_run.exchange_in_stripe(self.engine, self.layer, x_PH, counts_E)
         else:
             # Grad mode and autocast are read here: inside an autograd Function's forward grad mode is off.
             context = self.engine.forward_context(x_PH, num_tokens)

@@ -1,11 +1,11 @@
-"""The stripe baton (zebra.Baton): one stripe computes at a time, turns go round-robin, finished stripes are
+"""The stripe baton (zebra_run.Baton): one stripe computes at a time, turns go round-robin, finished stripes are
 skipped, and a failure wakes every waiter. Threads only, no processes."""
 
 import threading
 
 import pytest
 
-from hf_hetermoe.zebra import Baton, _Aborted
+from hf_hetermoe.zebra_run import Baton, _Aborted
 
 JOIN_S = 10.0  # a deadlock fails the test instead of hanging it
 
