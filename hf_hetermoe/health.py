@@ -206,7 +206,7 @@ class HealthMonitor:
         return self
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """Stop the heartbeat and the SIGTERM watcher, wait for both threads, and close the store connection.
+        """Stop the heartbeat and the SIGTERM watcher and wait for both threads (the store stays usable).
 
         The threads must be finished, not just told to stop, before the interpreter finalizes: a daemon thread
         still inside a store call then (the call releases the GIL) is ended by pthread_exit when it takes the GIL
@@ -228,10 +228,15 @@ class HealthMonitor:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self._sigterm_installed = False
             self._stop_watcher(bound)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """`stop()`, then close the store connection (the last reference to it): the rank's last use of it."""
+        self.stop(timeout_s)
+        bound = _STORE_TIMEOUT.total_seconds() if timeout_s is None else timeout_s
         self._store_broken = True  # from now on every store call returns its default at once
-        if self._store_lock.acquire(timeout=bound):  # no beat or peer check is using the connection now
+        if self._store_lock.acquire(timeout=bound):  # no peer check is using the connection now
             try:
-                self.store = None  # the last reference: its socket closes here, not during interpreter teardown
+                self.store = None  # its socket closes here, not during interpreter teardown
             finally:
                 self._store_lock.release()
 

@@ -210,7 +210,7 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
         if monitor is not None:
             # Joined, not just told to stop: a heartbeat still inside a store call when the interpreter finalizes
             # aborts the process (see HealthMonitor.stop). A failed rank waits less: its store may be gone.
-            monitor.stop(timeout_s=_FAILED_STOP_S if failed else None)
+            monitor.close(timeout_s=_FAILED_STOP_S if failed else None)
         del store  # the groups let go of it in their shutdown; this was the last reference: the connection closes
 
 

@@ -33,7 +33,7 @@ _HEARTBEAT_AT_EXIT = textwrap.dedent("""
     monitor = HealthMonitor(store=client, rank=0, world_size=1, role="attention rank 0", period_s=1e-6).start()
     time.sleep(0.3)
     if sys.argv[1] == "stop":
-        monitor.stop()
+        monitor.close()
     else:  # only told to stop: the thread may still be inside a store call at teardown (aborts or hangs there)
         monitor._stop.set()
 """)
@@ -51,18 +51,20 @@ def test_stopping_the_monitor_joins_its_heartbeat_so_the_process_exits_cleanly()
         assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-2000:]
 
 
-def test_stop_ends_both_threads_and_closes_the_store():
+def test_stop_ends_both_threads_and_close_drops_the_store():
     monitor = HealthMonitor(store=dist.HashStore(), rank=0, world_size=2, role="attention rank 0", period_s=0.01)
     monitor.start()
     installed = monitor.install_sigterm_report()
     monitor.stop()
     names = {t.name for t in threading.enumerate()}
     assert "hetermoe-health" not in names and "hetermoe-sigterm" not in names
-    assert monitor.store is None
     if installed:
         assert monitor._wakeup_fds is None  # the watcher's pipe is closed
+    monitor.record_exit("ok")  # the store stays usable after stop
+    monitor.close()
+    assert monitor.store is None
     assert monitor.peer_report(settle_s=0).startswith("Peer check: unavailable")  # best effort, never raises
-    monitor.stop()  # idempotent
+    monitor.close()  # idempotent
 
 
 def _os_threads() -> int:
