@@ -21,34 +21,36 @@ from hf_hetermoe.health import HealthMonitor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A rank's life in miniature: a heartbeat that is nearly always inside a TCPStore call (which releases the GIL),
-# then the interpreter exits. `stop` is what the rank does before exiting.
-_HEARTBEAT_AT_EXIT = textwrap.dedent("""
-    import datetime, sys, time
-    import torch.distributed as dist
+# A rank's life in miniature: the store lives in another process (as the launcher agent hosts it), the heartbeat
+# is nearly always inside a TCPStore call (which releases the GIL), then the rank ends as run_rank ends it.
+_STORE_HOST = ("import datetime, sys, time, torch.distributed as d; s = d.TCPStore('127.0.0.1', 0, None, is_master=True, "
+               "timeout=datetime.timedelta(seconds=30)); print(s.port, flush=True); time.sleep(120)")
+_RANK = textwrap.dedent("""
+    import sys, time
     from hf_hetermoe.health import HealthMonitor
 
-    server = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=datetime.timedelta(seconds=10))
-    client = dist.TCPStore("127.0.0.1", server.port, None, is_master=False, timeout=datetime.timedelta(seconds=10))
-    monitor = HealthMonitor(store=client, rank=0, world_size=1, role="attention rank 0", period_s=1e-6).start()
+    monitor = HealthMonitor.connect(host="127.0.0.1", port=int(sys.argv[1]), rank=0, world_size=1,
+                                    role="attention rank 0", timeout_s=2)
+    monitor.period_s = 1e-6
+    monitor.start()
     time.sleep(0.3)
-    if sys.argv[1] == "stop":
-        monitor.close()
-    else:  # only told to stop: the thread may still be inside a store call at teardown (aborts or hangs there)
-        monitor._stop.set()
+    monitor.record_exit("ok")
+    monitor.close()
 """)
 
 
-def _run_heartbeat_exit(how: str) -> subprocess.CompletedProcess:
+def test_closing_the_monitor_joins_its_heartbeat_so_the_process_exits_cleanly():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-c", _HEARTBEAT_AT_EXIT, how], capture_output=True, text=True,
-                          timeout=60, env=env)
-
-
-def test_stopping_the_monitor_joins_its_heartbeat_so_the_process_exits_cleanly():
-    for _ in range(3):
-        result = _run_heartbeat_exit("stop")
-        assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-2000:]
+    host = subprocess.Popen([sys.executable, "-c", _STORE_HOST], stdout=subprocess.PIPE, text=True)
+    try:
+        port = host.stdout.readline().strip()
+        for _ in range(3):
+            result = subprocess.run([sys.executable, "-c", _RANK, port], capture_output=True, text=True, timeout=60,
+                                    env=env)
+            assert result.returncode == 0 and "terminate called" not in result.stderr, result.stderr[-2000:]
+    finally:
+        host.kill()
+        host.wait()
 
 
 def test_stop_ends_both_threads_and_close_drops_the_store():
