@@ -1,6 +1,6 @@
 """HeterMoEGroups: every process group HeterMoE uses, owned by one object and passed as an argument.
 
-Groups (DESIGN.md section 2), all built from one rendezvous store with their own key prefix:
+Groups (see docs/architecture.md), all built from one rendezvous store with their own key prefix:
 - dispatch: all ranks; carries tokens (forward) and output gradients (backward) towards expert holders.
 - combine: all ranks; carries expert outputs (forward) and input gradients (backward) back. Separate from
   dispatch so the two directions have independent operation orders (the paper's two streams).
@@ -15,12 +15,25 @@ Groups (DESIGN.md section 2), all built from one rendezvous store with their own
 
 The groups are constructed directly (`ProcessGroupGloo(PrefixStore(...), rank, size, timeout)`), not registered
 with torch.distributed: the attention ranks' own default group (Accelerate's world) spans attention ranks only.
+
+`shutdown()` releases them before the interpreter exits. In torch 2.13 `ProcessGroupGloo.shutdown()` and
+`abort()` are no-ops (the Backend defaults); a gloo group lets go of its worker threads, its device loop thread and
+its sockets only in its destructor, i.e. when the last Python reference to it goes. Left to interpreter teardown,
+that destructor runs (if at all) while the interpreter is finalizing, where any C++ thread that still needs the
+GIL is ended by pthread_exit from inside a noexcept destructor: "terminate called without an active exception".
+(Without it, an attention rank entered teardown with its four groups alive: 8 `pt_gloo_runloop` worker threads
+and 4 `gloo_tcp_loop` device threads, held by the finished script's patched model through reference cycles.)
+So shutdown drops every reference it holds, in one fixed order, and collects the finished script's reference
+cycles (patched models, exchangers, command channels) so the destructors run now, on the main thread.
 """
 
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import gc
+import logging
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +44,11 @@ from .config import Topology
 # An expert server can sit idle on the control group while attention ranks run evaluation-free stretches
 # (tokenising a data set, writing a checkpoint). A dead peer is still reported at once by the socket.
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
+
+# Reverse order of construction, the same on every rank: attention (attention ranks only), control, combine, dispatch.
+SHUTDOWN_ORDER = ("attention_counts", "attention", "counts", "control", "combine", "dispatch")
+
+logger = logging.getLogger("hf_hetermoe.groups")
 
 
 @dataclass
@@ -48,6 +66,7 @@ class HeterMoEGroups:
     # Incremented each time a model is patched over these groups: the expert servers then hold that model's
     # experts, and an older patched model must not use them.
     generation: int = 0
+    closed: bool = field(default=False, init=False)
 
     @property
     def world_size(self) -> int:
@@ -136,3 +155,48 @@ class HeterMoEGroups:
             rank=0, topology=topology, dispatch=make(), combine=make(), control=make(), attention=None,
             counts=make(), attention_counts=None, device=device, timeout_s=timeout_s,
         )
+
+    # ---- shutdown -------------------------------------------------------------------------------------
+    def shutdown(self) -> list[str]:
+        """Release every group of this rank, in `SHUTDOWN_ORDER` on every rank; idempotent.
+
+        Call it when nothing is in flight any more (the leader has flushed its commands, the servers their
+        results), on the success path: a gloo destructor waits for its queued collectives, which with a dead
+        peer would take the group's timeout. Returns the names of groups still referenced elsewhere (a model
+        the caller keeps alive), which are then released whenever that holder goes."""
+        if self.closed:
+            return []
+        self.closed = True
+        watched: list[tuple[str, weakref.ref]] = []
+        for name in SHUTDOWN_ORDER:
+            group = getattr(self, name)
+            if group is None:
+                continue
+            setattr(self, name, None)
+            _shut(group)
+            try:
+                watched.append((name, weakref.ref(group)))
+            except TypeError:  # a group type without weak references: nothing to check
+                pass
+            del group
+        gc.collect()  # the finished script's cycles (model <-> engine <-> channel) hold the groups too
+        alive = [name for name, ref in watched if ref() is not None]
+        if alive:
+            logger.debug("hetermoe: rank %d: groups %s are still referenced after shutdown.", self.rank, alive)
+        return alive
+
+
+def _shut(group: Any) -> None:
+    """Shut one group down: through torch.distributed if registered there (colocated groups from `new_group`),
+    else directly (NCCL frees its communicators here; gloo's is a no-op and its destructor does the work)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    if dist.is_initialized() and group in c10d._world.pg_map:
+        dist.destroy_process_group(group)
+        return
+    shutdown = getattr(group, "shutdown", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception as exc:  # releasing must go on with the other groups
+            logger.debug("hetermoe: shutting a group down failed: %s", exc)

@@ -176,6 +176,8 @@ class HealthMonitor:
         self._reported = False
         self._reporting = False  # the main thread is composing its failure report
         self._sigterm_installed = False
+        self._watcher: threading.Thread | None = None
+        self._wakeup_fds: tuple[int, int] | None = None  # (read, write) of the SIGTERM watcher's pipe
         self._exit_recorded = False
 
     # ---- construction and lifetime ------------------------------------------------------------------------
@@ -203,11 +205,21 @@ class HealthMonitor:
         _CURRENT = self
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the heartbeat and the SIGTERM watcher and wait for both threads (the store stays usable).
+
+        The threads must be finished, not just told to stop, before the interpreter finalizes: a daemon thread
+        still inside a store call then (the call releases the GIL) is ended by pthread_exit when it takes the GIL
+        back, from inside pybind11's noexcept gil_scoped_release destructor, and the process aborts with
+        "terminate called without an active exception" (SIGABRT) after a successful run. `timeout_s` bounds
+        each wait (default: the store timeout, the longest a beat can take)."""
         global _CURRENT
+        bound = _STORE_TIMEOUT.total_seconds() + self.period_s if timeout_s is None else timeout_s
         self._stop.set()
         if _CURRENT is self:
             _CURRENT = None
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(bound)
         if self._sigterm_installed and threading.current_thread() is threading.main_thread():
             # Back to the default action: during interpreter teardown the watcher thread can no longer run, and
             # a launcher's SIGTERM must then end the process at once rather than be swallowed.
@@ -215,6 +227,33 @@ class HealthMonitor:
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self._sigterm_installed = False
+            self._stop_watcher(bound)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """`stop()`, then close the store connection (the last reference to it): the rank's last use of it."""
+        self.stop(timeout_s)
+        bound = _STORE_TIMEOUT.total_seconds() if timeout_s is None else timeout_s
+        self._store_broken = True  # from now on every store call returns its default at once
+        if self._store_lock.acquire(timeout=bound):  # no peer check is using the connection now
+            try:
+                self.store = None  # its socket closes here, not during interpreter teardown
+            finally:
+                self._store_lock.release()
+
+    def _stop_watcher(self, timeout_s: float) -> None:
+        """Wake the SIGTERM watcher (a byte that is no signal number), wait for it, close its pipe."""
+        if self._wakeup_fds is None:
+            return
+        read_fd, write_fd = self._wakeup_fds
+        with contextlib.suppress(OSError):
+            os.write(write_fd, b"\0")
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout_s)
+        if self._watcher is None or not self._watcher.is_alive():  # a watcher still reporting keeps its pipe
+            for fd in (read_fd, write_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wakeup_fds = None
 
     def record_exit(self, status: str) -> None:
         """Record how this rank ends ("ok" or the reason); the first record wins."""
@@ -394,8 +433,10 @@ class HealthMonitor:
         signal.signal(signal.SIGTERM, on_sigterm)
         self._sigterm_installed = True
         os.register_at_fork(after_in_child=in_forked_child)
-        threading.Thread(target=self._watch_signals, args=(read_fd, owner), name="hetermoe-sigterm",
-                         daemon=True).start()
+        self._wakeup_fds = (read_fd, write_fd)
+        self._watcher = threading.Thread(target=self._watch_signals, args=(read_fd, owner), name="hetermoe-sigterm",
+                                         daemon=True)
+        self._watcher.start()
         return True
 
     def _watch_signals(self, read_fd: int, owner: int) -> None:
@@ -408,6 +449,8 @@ class HealthMonitor:
                 return
             if signal.SIGTERM in data:
                 self._on_sigterm()
+            if self._stop.is_set():  # stop() woke us: the monitor is done
+                return
 
     def _on_sigterm(self) -> None:
         waits = current_waits()

@@ -3,11 +3,15 @@
 Started by `accelerate launch` / torchrun (or `hetermoe launch`, which fills in those arguments). Each process:
 1. reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and validates the config against the world
    (every rank does the same checks, so a bad config fails everywhere before any group waits);
-2. connects to the rendezvous store and builds the HeterMoE groups over all ranks (DESIGN.md section 2);
+2. connects to the rendezvous store and builds the HeterMoE groups over all ranks (see docs/architecture.md);
 3. attention ranks rewrite RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE to the attention world and run the
    script with runpy, every `Trainer` it builds carrying a `HeterMoECallback`; at the end the leader tells the
    expert servers to stop (or why the job failed);
-4. expert ranks run the expert server and exit 0 when told to stop.
+4. expert ranks run the expert server and exit 0 when told to stop;
+5. every rank then shuts down in one order (`run_rank`): the attention world's default group, the HeterMoE
+   groups, the health monitor's threads, the store connections, so nothing native is left running when the
+   interpreter finalizes (where a thread that needs the GIL aborts the process: "terminate called without an
+   active exception"). A failed rank skips the group teardown and leaves through `_exit_now`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .versions import check_versions
 logger = logging.getLogger("hf_hetermoe.launch")
 
 _ENV_ORIGINAL = "HETERMOE_GLOBAL_"  # prefix under which the launcher keeps the global values it rewrote
+_FAILED_STOP_S = 1.0  # how long a failed rank waits for its health threads (its launcher is stopping the job)
 
 
 def _env_int(name: str) -> int:
@@ -187,11 +192,14 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
         topology = config.resolve_topology(world_size)  # ValueError here, before any group waits
         store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
     monitor = _start_health(topology, rank, config.timeout_s)
+    failed = True
     try:
         _run_role(config, attention_main, store, topology, rank, device)
+        failed = False
     except BaseException as exc:
         if monitor is not None:
             if isinstance(exc, SystemExit) and exc.code in (None, 0):
+                failed = False
                 monitor.record_exit("ok")
             else:
                 monitor.report_failure(exc)
@@ -201,18 +209,45 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
             monitor.record_exit("ok")
     finally:
         if monitor is not None:
-            monitor.stop()
+            # Joined, not just told to stop: a heartbeat still inside a store call when the interpreter finalizes
+            # aborts the process (see HealthMonitor.stop). A failed rank waits less: its store may be gone.
+            monitor.close(timeout_s=_FAILED_STOP_S if failed else None)
+        del store  # the groups let go of it in their shutdown; this was the last reference: the connection closes
 
 
 def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store: dist.Store, topology: Topology,
               rank: int, device: torch.device) -> None:
     groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=config.timeout_s, device=device)
-    if not topology.is_attention(rank):
-        from .expert_server import serve
+    succeeded = False
+    try:
+        if topology.is_attention(rank):
+            _run_attention(config, attention_main, groups)
+        else:
+            from .expert_server import serve
 
-        serve(groups, config=config)
-        return
+            serve(groups, config=config)  # returns on STOP, its results flushed
+        succeeded = True
+    except SystemExit as exc:
+        succeeded = exc.code in (None, 0)
+        raise
+    finally:
+        # A failed rank skips this: a gloo destructor waits for collectives still queued, which with a dead peer
+        # takes the group's timeout; main() ends a failed rank with os._exit, which runs no destructor at all.
+        if succeeded:
+            shutdown_rank(groups)
 
+
+def shutdown_rank(groups: HeterMoEGroups) -> None:
+    """Release this rank's process groups before the interpreter finalizes, in one order on every rank: the
+    attention world's default group (Accelerate's, attention ranks only), then the HeterMoE groups."""
+    if groups.is_attention and dist.is_initialized():
+        # Accelerate creates the default group and never destroys it; it would otherwise live until teardown.
+        dist.destroy_process_group()
+    groups.shutdown()
+
+
+def _run_attention(config: HeterMoEConfig, attention_main: Callable[[], None], groups: HeterMoEGroups) -> None:
+    topology, rank, device = groups.topology, groups.rank, groups.device
     channel = CommandChannel(groups.control, rank=rank, leader=groups.leader, servers=topology.expert_ranks)
     if rank == groups.leader:
         logger.info("hetermoe: %s", topology.describe())
