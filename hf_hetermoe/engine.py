@@ -140,7 +140,7 @@ class HeterMoEEngine:
         start = self.instruments.now()
         # Fresh receive buffers: the results may be kept (checkpoint recompute) past the next forward.
         pending, plan = self.issue_forward(key, x_PH.detach(), counts_E, keep=keep, autocast=autocast,
-                                           last_stripe=True, reuse_buffers=False)
+                                           reuse_buffers=False)
         self.finish_layer(layer)
         y_PH = pending.wait()
         self.instruments.exchange_done("D", "F", key, start)
@@ -154,7 +154,7 @@ class HeterMoEEngine:
         key, plan, num_tokens = handle
         self._attention_task("B", key.layer, num_tokens)
         self._outputs.pop(key.layer, None)
-        pending = self.issue_backward(key, plan, dy_PH, last_stripe=True, reuse_buffers=False)
+        pending = self.issue_backward(key, plan, dy_PH, reuse_buffers=False)
         self.finish_layer(key.layer)
         dx = pending.wait()
         self.model_hooks.attention_resumed["B"] = self.instruments.now()
@@ -177,19 +177,18 @@ class HeterMoEEngine:
 
     def issue_forward(
         self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None,
-        last_stripe: bool, reuse_buffers: bool = True,
+        reuse_buffers: bool = True,
     ) -> tuple[PendingExchange, ExchangePlan]:
         """Send one stripe's rows to the expert holders without waiting; `wait()` on the result gives y_PH."""
         self.expert_load[key.layer] += counts_E
         self.command(cmds.Forward(layer=key.layer, stripe=key.stripe, session=key.session, keep=keep,
-                                  autocast=autocast, row_dtype=x_PH.dtype, seq_len=self.seq_len,
-                                  last_stripe=last_stripe))
+                                  autocast=autocast, row_dtype=x_PH.dtype, seq_len=self.seq_len))
         return self.transport.dispatch_forward(key, x_PH, counts_E, keep=keep, autocast=autocast,
                                                seq_len=self.seq_len, reuse_buffers=reuse_buffers)
 
-    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *, last_stripe: bool,
+    def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
                        reuse_buffers: bool = True) -> PendingExchange:
-        self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session, last_stripe=last_stripe))
+        self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session))
         return self.transport.dispatch_backward(key, plan, dy_PH, reuse_buffers=reuse_buffers)
 
     def holds_layer(self, layer: int) -> bool:
@@ -198,7 +197,7 @@ class HeterMoEEngine:
 
     def finish_layer(self, layer: int) -> None:
         """After the last stripe's exchange of `layer` was issued (forward or backward): run the experts held
-        here (Asym-EA, colocated) for every stripe, then issue the combines deferred until now."""
+        here (Asym-EA, colocated) for every stripe and exchange their results among the attention ranks."""
         self.transport.finish_layer(layer, self.shard)
 
     # ---- gradients: ExpertState owns them; zebra's backward starts the per-layer all-reduces ---------------

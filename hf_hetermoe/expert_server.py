@@ -100,8 +100,7 @@ class ExpertServer:
             for stale in [k for k in self.plans if k.session < cmd.session]:
                 del self.plans[stale]
         plan = self.transport.serve_forward(key, self.shard, keep=cmd.keep, autocast=cmd.autocast,
-                                            row_dtype=cmd.row_dtype, seq_len=cmd.seq_len,
-                                            last_stripe=cmd.last_stripe)
+                                            row_dtype=cmd.row_dtype, seq_len=cmd.seq_len)
         if cmd.keep:
             self.plans[key] = plan
 
@@ -109,7 +108,7 @@ class ExpertServer:
         key = ExchangeKey(session=cmd.session, layer=cmd.layer, stripe=cmd.stripe)
         if key not in self.plans:
             raise RuntimeError(f"hetermoe: expert rank {self.groups.rank} got Backward for unknown forward {key}.")
-        self.transport.serve_backward(key, self.plans.pop(key), self.shard, last_stripe=cmd.last_stripe)
+        self.transport.serve_backward(key, self.plans.pop(key), self.shard)
 
     def stats(self, cmd: cmds.Stats) -> None:
         now = time.perf_counter()

@@ -65,7 +65,6 @@ class Forward(Command):
     autocast: torch.dtype | None  # autocast dtype of the attention side (None: off)
     row_dtype: torch.dtype  # dtype of the rows on the wire
     seq_len: int  # tokens per sequence of this forward (device emulation scales by it)
-    last_stripe: bool = True  # the layer's last stripe: deferred combines go now (see transport.py)
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,6 @@ class Backward(Command):
     layer: int
     stripe: int
     session: int
-    last_stripe: bool = True
 
 
 @dataclass(frozen=True)

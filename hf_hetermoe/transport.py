@@ -5,25 +5,23 @@ is entered in the same order everywhere. Three kinds of rank use the same code:
 - an attention rank sends rows and gets results back (`dispatch_forward` / `dispatch_backward`, then `wait()`);
 - an expert server receives rows, computes, and returns results (`serve_forward` / `serve_backward`);
 - an attention rank that holds experts (Asym-EA, colocated mode) does both: rows for its own experts wait
-  until `finish_layer`, which computes them and issues their combine.
+  until `finish_layer`, which computes them for every stripe of the layer and returns their results.
 The synchronous case (outside zebra) is issue-then-wait. See docs/architecture.md ("Token transport").
-
-Operation order. On a layer where an attention rank holds experts, that rank can combine only after computing
-them for every stripe, so its rows and results go D0 D1 .. C0 C1 .. (D = dispatch, C = combine, by stripe).
-Every rank then uses that order for the layer: other attention ranks defer their combines to `finish_layer`
-too, and servers hold their result sends until the layer's last stripe. NCCL needs one order of operations
-across its communicators on all ranks; concurrent kernels of two communicators may not both progress. Other
-layers go D0 C0 D1 C1 .. everywhere.
 
 One exchange, forward (backward is the same without the counts, with gradients):
   1. counts for experts held on attention ranks: all-to-all among attention ranks (in step anyway);
   2. counts for experts held on servers: all-to-all over all ranks (attention ranks only send, so an
-     attention rank never waits for a busy server).
-     Counts are host metadata: splits must be Python ints, so they are CPU int64 tensors on CPU (gloo) groups
-     of their own, whatever carries the rows;
+     attention rank never waits for a busy server). Counts are host metadata: splits must be Python ints, so
+     they are CPU int64 tensors on CPU (gloo) groups of their own, whatever carries the rows;
   3. rows: one all-to-all on the dispatch group reaches servers and attention holders;
-  4. results: one all-to-all on the combine group (separate from dispatch, so the two directions have
-     independent operation orders).
+  4. results from servers: one all-to-all on the combine group, issued with the dispatch;
+  5. results from attention holders: one all-to-all on the attention group, issued by `finish_layer` (only on
+     layers where an attention rank holds experts).
+Operation order: every rank issues D0 C0 D1 C1 .. (dispatch, combine, by stripe) on the two communicators it
+shares with the servers, on every layer, so the servers return each stripe at once; results computed on
+attention ranks travel among attention ranks only, which all issue them at the same point. NCCL needs one
+order of operations across its communicators on all ranks (kernels of two communicators may not progress
+concurrently); tests/test_transport.py checks the order on every rank.
 
 Legend: P = (token, k) pairs a rank sends (rows sorted by (holder rank, expert)), R = rows a holder receives,
 H = hidden size, E = experts per layer.
@@ -33,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -75,29 +73,61 @@ def _all_to_all(group: Any, recv: torch.Tensor, send: torch.Tensor, recv_splits:
 
 
 class PendingExchange:
-    """The collectives of one exchange in flight; `wait()` returns the received rows.
+    """The collectives of one exchange in flight; `wait()` returns the results, rows in send order.
 
-    When this rank holds experts of the layer, its combine is issued only by `finish_layer`, so the combine
-    is attached later (`attach`) and `wait()` blocks until then."""
+    Results arrive in up to two parts: from the servers (combine group, issued with the dispatch) and from
+    attention holders (attention group, issued by `finish_layer`). Each part's buffer holds its source ranks'
+    rows in rank order; with both parts, `wait()` interleaves them back into send order."""
 
-    def __init__(self, *, rank: int):
+    def __init__(self, *, rank: int, send_splits: list[int], out: Callable[[], torch.Tensor], parts: int):
         self.rank = rank
-        self.result: torch.Tensor | None = None
+        self.send_splits = send_splits
+        self._out = out  # gives the buffer where two parts are assembled (or the empty result of none)
         self.works: list[tuple[Any, str]] = []
         self.keep_alive: list[torch.Tensor] = []  # send buffers must live until their collective completes
+        self._parts: list[tuple[torch.Tensor, set[int]]] = []  # (buffer, source ranks) per part
+        self._expected = parts
         self._ready = threading.Event()
+        if parts == 0:
+            self._ready.set()
 
-    def attach(self, works: list[tuple[Any, str]], result: torch.Tensor, keep_alive: tuple = ()) -> None:
-        self.works += works
-        self.result = result
+    def add_part(self, work: tuple[Any, str], buffer: torch.Tensor, sources: set[int], keep_alive: tuple = ()) -> None:
+        self.works.append(work)
         self.keep_alive += list(keep_alive)
-        self._ready.set()
+        self._parts.append((buffer, sources))
+        if len(self._parts) == self._expected:
+            self._ready.set()
 
     def wait(self) -> torch.Tensor:
         self._ready.wait()
         for work, what in self.works:
             wait(work, what, self.rank)
-        return self.result
+        if not self._parts:
+            return self._out()
+        if len(self._parts) == 1:
+            return self._parts[0][0]
+        out = self._out()
+        offsets = [0] * len(self._parts)
+        position = 0
+        for src, rows in enumerate(self.send_splits):
+            if rows:
+                part = next(i for i, (_, sources) in enumerate(self._parts) if src in sources)
+                out[position : position + rows] = self._parts[part][0][offsets[part] : offsets[part] + rows]
+                offsets[part] += rows
+                position += rows
+        return out
+
+
+class _Done:
+    """A finished collective (the single attention rank's results to itself)."""
+
+    @staticmethod
+    def wait(*args: Any) -> bool:
+        return True
+
+    @staticmethod
+    def is_completed() -> bool:
+        return True
 
 
 class ReceiveBuffers:
@@ -127,8 +157,8 @@ class _HeldRows:
     direction: str
     plan: ExchangePlan
     rows: torch.Tensor
-    work: tuple[Any, str] | None  # None: nothing to compute here, only the combine was deferred
-    pending: PendingExchange | None
+    work: tuple[Any, str] | None  # None: nothing to compute here, only the attention part to take part in
+    pending: PendingExchange
     keep: bool = False
     autocast: torch.dtype | None = None
     seq_len: int = 1
@@ -212,14 +242,9 @@ class TokenTransport:
         # Servers send results without waiting (their buffers stay referenced here until gloo reports the send
         # complete), so they take the next stripe's rows while the previous results are still in flight.
         self._sends_in_flight: list[tuple[Any, str, torch.Tensor]] = []
-        self._deferred_sends: list[tuple[torch.Tensor, ExchangePlan, str]] = []  # server: until the last stripe
 
     def holds(self, layer: int) -> bool:
         return bool(self.splits.local_of[layer][self.rank])
-
-    def defers_combines(self, layer: int) -> bool:
-        """Combines of `layer` wait for its last stripe (an attention rank holds experts of it)."""
-        return self.splits.attention_holds_any(layer)
 
     # ---- attention side -------------------------------------------------------------------------------------
     def _counts_from_attention(self, layer: int, counts_E: torch.Tensor) -> torch.Tensor | None:
@@ -250,71 +275,94 @@ class TokenTransport:
         else:
             plan = ExchangePlan(send_splits=send_splits, recv_splits=[0] * self.world, recv_local_expert_R=None,
                                 row_dtype=x_PH.dtype)
-        pending = PendingExchange(rank=self.rank)
+        keep_alive: list[torch.Tensor] = []
+        count_work = None
         if split.servers:
             counts, count_splits = split.server_counts(layer, counts_E)
             empty = torch.empty(0, dtype=torch.int64)
-            pending.keep_alive += [counts, empty]
-            pending.works.append((_all_to_all(self.groups.counts, empty, counts, [0] * self.world, count_splits),
-                                  f"the expert-count exchange of layer {layer}"))
-        self._dispatch(pending, key, "F", x_PH.contiguous(), plan, reuse_buffers,
-                       keep=keep, autocast=autocast, seq_len=seq_len)
+            keep_alive += [counts, empty]
+            count_work = (_all_to_all(self.groups.counts, empty, counts, [0] * self.world, count_splits),
+                          f"the expert-count exchange of layer {layer}")
+        pending = self._dispatch(key, "F", x_PH.contiguous(), plan, reuse_buffers,
+                                 keep=keep, autocast=autocast, seq_len=seq_len)
+        pending.keep_alive += keep_alive
+        if count_work is not None:
+            pending.works.append(count_work)
         return pending, plan
 
     def dispatch_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
                           reuse_buffers: bool = True) -> PendingExchange:
         """Issue the backward exchange of a forward: output gradients out, input gradients back."""
-        pending = PendingExchange(rank=self.rank)
-        self._dispatch(pending, key, "B", dy_PH.to(plan.row_dtype).contiguous(), plan, reuse_buffers)
+        return self._dispatch(key, "B", dy_PH.to(plan.row_dtype).contiguous(), plan, reuse_buffers)
+
+    def _dispatch(self, key: ExchangeKey, direction: str, send: torch.Tensor, plan: ExchangePlan, reuse: bool,
+                  **held_info: Any) -> PendingExchange:
+        """Rows out (dispatch group), the servers' results back (combine group, issued now), and the attention
+        holders' part left to `finish_layer`."""
+        name = "forward" if direction == "F" else "backward"
+        split, layer = self.splits, key.layer
+        attention_part = split.attention_holds_any(layer)
+        parts = int(bool(split.servers)) + int(attention_part)
+        pending = PendingExchange(
+            rank=self.rank, send_splits=plan.send_splits, parts=parts,
+            out=lambda: self._buffer(key, direction, "out", sum(plan.send_splits), plan.row_dtype, reuse))
+        pending.keep_alive.append(send)
+        rows_in = self._buffer(key, direction, "held", sum(plan.recv_splits), plan.row_dtype, reuse)
+        rows_work = (_all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits),
+                     f"the dispatch of layer {layer} stripe {key.stripe} ({name})")
+        if split.servers:
+            from_servers = [n if r in split.servers else 0 for r, n in enumerate(plan.send_splits)]
+            buffer = self._buffer(key, direction, "servers", sum(from_servers), plan.row_dtype, reuse)
+            nothing = send.new_empty((0, send.shape[1]))
+            work = _all_to_all(self.groups.combine, buffer, nothing, from_servers, [0] * self.world)
+            pending.add_part((work, f"the combine of layer {layer} stripe {key.stripe} ({name})"), buffer,
+                             set(split.servers), (nothing,))
+        if plan.recv_local_expert_R is None:
+            pending.works.append(rows_work)
+            rows_work = None
+        if attention_part:
+            self._held.setdefault(layer, []).append(_HeldRows(
+                key=key, direction=direction, plan=plan, rows=rows_in, work=rows_work, pending=pending, reuse=reuse,
+                **held_info))
         return pending
 
-    def _dispatch(self, pending: PendingExchange, key: ExchangeKey, direction: str, send: torch.Tensor,
-                  plan: ExchangePlan, reuse: bool, **held_info: Any) -> None:
-        name = "forward" if direction == "F" else "backward"
-        rows_key = (key.layer, key.stripe, "held-" + direction) if reuse else None
-        rows_in = self.buffers.get(rows_key, sum(plan.recv_splits), plan.row_dtype)
-        pending.keep_alive.append(send)
-        work = _all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits)
-        what = f"the dispatch of layer {key.layer} stripe {key.stripe} ({name})"
-        if plan.recv_local_expert_R is None:
-            pending.works.append((work, what))
-            nothing = send.new_empty((0, send.shape[1]))
-            if self.defers_combines(key.layer):
-                self._held.setdefault(key.layer, []).append(_HeldRows(
-                    key=key, direction=direction, plan=plan, rows=nothing, work=None, pending=pending, reuse=reuse))
-            else:
-                self._issue_combine(pending, key, direction, nothing, plan, reuse)
-        else:
-            self._held.setdefault(key.layer, []).append(_HeldRows(
-                key=key, direction=direction, plan=plan, rows=rows_in, work=(work, what), pending=pending,
-                reuse=reuse, **held_info))
-
-    def _issue_combine(self, pending: PendingExchange, key: ExchangeKey, direction: str, send: torch.Tensor,
-                       plan: ExchangePlan, reuse: bool) -> None:
-        out_key = (key.layer, key.stripe, direction) if reuse else None
-        out = self.buffers.get(out_key, sum(plan.send_splits), plan.row_dtype)
-        work = _all_to_all(self.groups.combine, out, send.to(plan.row_dtype), plan.send_splits, plan.recv_splits)
-        name = "forward" if direction == "F" else "backward"
-        pending.attach([(work, f"the combine of layer {key.layer} stripe {key.stripe} ({name})")], out, (send,))
+    def _buffer(self, key: ExchangeKey, direction: str, use: str, rows: int, dtype: torch.dtype,
+                reuse: bool) -> torch.Tensor:
+        return self.buffers.get((key.layer, key.stripe, direction, use) if reuse else None, rows, dtype)
 
     def finish_layer(self, layer: int, shard: "ExpertShard | None") -> None:
-        """Compute this rank's experts for every exchange of `layer` issued so far, then issue their combines
-        (zebra: after all stripes' attention of the layer; synchronous path: right after the dispatch)."""
+        """After the last stripe's exchange of `layer` was issued (forward or backward): compute this rank's
+        experts for every stripe (Asym-EA, colocated), then exchange the attention holders' results among the
+        attention ranks; every attention rank calls it, holder or not (zebra: after all stripes' attention of
+        the layer; synchronous path: right after the dispatch)."""
+        attention = self.splits.attention_ranks
         for held in self._held.pop(layer, []):
+            plan, key = held.plan, held.key
             if held.work is None:
-                result = held.rows
-            elif held.direction == "F":
-                wait(*held.work, self.rank)
-                result = shard.forward(held.key, held.rows, held.plan.recv_local_expert_R, keep=held.keep,
-                                       autocast_dtype=held.autocast, seq_len=held.seq_len)
+                result = held.rows  # nothing of this layer held here: empty
             else:
                 wait(*held.work, self.rank)
-                result = shard.backward(held.key, held.rows)
-            self._issue_combine(held.pending, held.key, held.direction, result, held.plan, held.reuse)
+                if held.direction == "F":
+                    result = shard.forward(key, held.rows, plan.recv_local_expert_R, keep=held.keep,
+                                           autocast_dtype=held.autocast, seq_len=held.seq_len)
+                else:
+                    result = shard.backward(key, held.rows)
+            result = result.to(plan.row_dtype).contiguous()
+            from_attention = [plan.send_splits[a] for a in attention]
+            buffer = self._buffer(key, held.direction, "attention", sum(from_attention), plan.row_dtype, held.reuse)
+            name = "forward" if held.direction == "F" else "backward"
+            what = f"the attention holders' results of layer {layer} stripe {key.stripe} ({name})"
+            if self.groups.attention is None:  # the only attention rank: its results are its own
+                buffer.copy_(result)
+                work = _Done()
+            else:
+                work = _all_to_all(self.groups.attention, buffer, result, from_attention,
+                                   [plan.recv_splits[a] for a in attention])
+            held.pending.add_part((work, what), buffer, set(attention), (result,))
 
     # ---- server side ------------------------------------------------------------------------------------------
     def serve_forward(self, key: ExchangeKey, shard: "ExpertShard", *, keep: bool, autocast: torch.dtype | None,
-                      row_dtype: torch.dtype, seq_len: int, last_stripe: bool = True) -> ExchangePlan:
+                      row_dtype: torch.dtype, seq_len: int) -> ExchangePlan:
         """Expert server: receive the counts and rows of one exchange, run the experts, send the results."""
         layer, split = key.layer, self.splits
         start = self.observer.now()
@@ -331,24 +379,13 @@ class TokenTransport:
                                  seq_len=seq_len)
         else:
             y_RH = x_RH  # nothing of this layer held here: empty
-        self._send_result(key, y_RH.to(row_dtype), plan, f"the combine of layer {layer} (forward)", last_stripe)
+        self._send_without_waiting(y_RH.to(row_dtype), plan, f"the combine of layer {layer} (forward)")
         return plan
 
-    def serve_backward(self, key: ExchangeKey, plan: ExchangePlan, shard: "ExpertShard", *,
-                       last_stripe: bool = True) -> None:
+    def serve_backward(self, key: ExchangeKey, plan: ExchangePlan, shard: "ExpertShard") -> None:
         dy_RH = self._receive_rows(key, "backward", plan)
         dx_RH = shard.backward(key, dy_RH) if plan.recv_local_expert_R is not None else dy_RH
-        self._send_result(key, dx_RH.to(plan.row_dtype), plan, f"the combine of layer {key.layer} (backward)",
-                          last_stripe)
-
-    def _send_result(self, key: ExchangeKey, send: torch.Tensor, plan: ExchangePlan, what: str,
-                     last_stripe: bool) -> None:
-        """Send now, or (layers with experts on attention ranks) once the layer's last stripe has arrived."""
-        self._deferred_sends.append((send, plan, what))
-        if last_stripe or not self.defers_combines(key.layer):
-            for item in self._deferred_sends:
-                self._send_without_waiting(*item)
-            self._deferred_sends.clear()
+        self._send_without_waiting(dx_RH.to(plan.row_dtype), plan, f"the combine of layer {key.layer} (backward)")
 
     def _receive_rows(self, key: ExchangeKey, name: str, plan: ExchangePlan) -> torch.Tensor:
         rows = self.buffers.get(None, sum(plan.recv_splits), plan.row_dtype)

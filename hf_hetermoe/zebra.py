@@ -285,7 +285,7 @@ class ZebraRunner:
             _local.ctx = None
         if dy is None:
             dy = torch.zeros_like(ex.y_leaf)
-        return self.engine.issue_backward(ex.key, ex.plan, dy, last_stripe=stripe == run.num_stripes - 1)
+        return self.engine.issue_backward(ex.key, ex.plan, dy)
 
     def _stage2(self, run: ZebraRun, layer: int, stripe: int, out, g, g_logits: list, dx) -> torch.Tensor | None:
         """The rest of the segment's backward, once dx is back; returns the gradient of its input."""

@@ -121,7 +121,7 @@ def exchange_in_stripe(engine: "HeterMoEEngine", layer: int, x_PH: torch.Tensor,
     issued = engine.instruments.attention_done("F", layer, stripe, _local.task_start, num_seqs=stop - start)
     last = stripe == run.num_stripes - 1
     pending, plan = engine.issue_forward(key, x_PH.detach(), counts_E, keep=keep,
-                                         autocast=autocast_dtype if autocast_on else None, last_stripe=last)
+                                         autocast=autocast_dtype if autocast_on else None)
     if last:
         engine.finish_layer(layer)  # Asym-EA: experts held here run after all stripes' attention
     run.baton.pass_on(stripe)

@@ -78,8 +78,9 @@ def test_groups_shutdown_releases_every_group_and_its_threads():
     before = _os_threads()
     topology = HeterMoEConfig.from_dict({"mode": "colocated"}).resolve_topology(1)
     groups = HeterMoEGroups.single_process(topology=topology, timeout_s=30, device=torch.device("cpu"))
-    groups.attention = HeterMoEGroups.single_process(
-        topology=topology, timeout_s=30, device=torch.device("cpu")).dispatch  # every slot filled
+    spare = HeterMoEGroups.single_process(topology=topology, timeout_s=30, device=torch.device("cpu"))
+    groups.attention, groups.attention_counts = spare.dispatch, spare.counts  # every slot filled
+    del spare
     refs = [weakref.ref(getattr(groups, name)) for name in SHUTDOWN_ORDER]
     x = torch.ones(4)
     groups.dispatch.allreduce([x]).wait()  # the group has started its threads and done work

@@ -57,6 +57,8 @@ def _groups(store, rank: int, topology: Topology, log: list[str]) -> HeterMoEGro
     groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=30, device=torch.device("cpu"))
     groups.dispatch = RecordingGroup(groups.dispatch, "D", log)
     groups.combine = RecordingGroup(groups.combine, "C", log)
+    if groups.attention is not None:
+        groups.attention = RecordingGroup(groups.attention, "A", log)
     return groups
 
 
@@ -109,10 +111,9 @@ def _run_world(topology: Topology, placement: ExpertPlacement, *, stripes: int) 
             for stripe in range(stripes):
                 key = ExchangeKey(session=1, layer=layer, stripe=stripe)
                 plans.append((key, transport.serve_forward(key, shard, keep=True, autocast=None,
-                                                           row_dtype=torch.float32, seq_len=1,
-                                                           last_stripe=stripe == stripes - 1)))
+                                                           row_dtype=torch.float32, seq_len=1)))
         for key, plan in plans:
-            transport.serve_backward(key, plan, shard, last_stripe=key.stripe == stripes - 1)
+            transport.serve_backward(key, plan, shard)
         transport.flush()
 
     def main(rank: int) -> None:
@@ -131,9 +132,13 @@ def _run_world(topology: Topology, placement: ExpertPlacement, *, stripes: int) 
         t.join(timeout=60)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "a rank hung"
-    # NCCL safety: rows (D) and results (C) travel on two communicators; every rank must issue their
-    # operations in one and the same order, or serialized kernels of the two can wait on each other forever.
-    assert all(log == logs[0] for log in logs.values()), logs
+    # NCCL safety: every rank issues the operations of the communicators it shares in one and the same order,
+    # or serialized kernels of two communicators can wait on each other forever: rows (D) and server results
+    # (C) on all ranks, and with them the attention holders' results (A) on attention ranks.
+    shared = {r: [op for op in log if op != "A"] for r, log in logs.items()}
+    assert all(log == shared[0] for log in shared.values()), logs
+    attention_logs = [logs[r] for r in topology.attention_ranks]
+    assert all(log == attention_logs[0] for log in attention_logs), logs
     return results
 
 
