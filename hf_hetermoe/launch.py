@@ -36,7 +36,7 @@ from .config import HeterMoEConfig, Topology
 from . import protocol
 from .control import CommandChannel
 from .groups import HeterMoEGroups
-from .health import HealthMonitor
+from .health_monitor import HealthMonitor
 from .versions import check_versions
 
 logger = logging.getLogger("hf_hetermoe.launch")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from hf_hetermoe.config import HeterMoEConfig
 from hf_hetermoe.groups import SHUTDOWN_ORDER, HeterMoEGroups
-from hf_hetermoe.health import HealthMonitor
+from hf_hetermoe.health_monitor import HealthMonitor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ _STORE_HOST = ("import datetime, sys, time, torch.distributed as d; s = d.TCPSto
                "timeout=datetime.timedelta(seconds=30)); print(s.port, flush=True); time.sleep(120)")
 _RANK = textwrap.dedent("""
     import sys, time
-    from hf_hetermoe.health import HealthMonitor
+    from hf_hetermoe.health_monitor import HealthMonitor
 
     monitor = HealthMonitor.connect(host="127.0.0.1", port=int(sys.argv[1]), rank=0, world_size=1,
                                     role="attention rank 0", timeout_s=2)

@@ -15,7 +15,7 @@ import pytest
 import torch.distributed as dist
 
 from hf_hetermoe import health
-from hf_hetermoe.health import HealthMonitor
+from hf_hetermoe.health_monitor import HealthMonitor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +77,7 @@ def test_a_failed_wait_names_the_operation_and_the_stopped_peer(sleeper):
     me = HealthMonitor(store=store, rank=0, world_size=2, role="attention rank 0", period_s=0.2).start()
     victim = sleeper()
     peer = HealthMonitor(store=store, rank=1, world_size=2, role="expert server", period_s=0.2, pid=victim.pid).start()
-    health._CURRENT = me  # the last started monitor is this process's; the test plays rank 0
+    health.set_current(me)  # the last started monitor is this process's; the test plays rank 0
     try:
         victim.kill(), victim.wait()
         with pytest.raises(RuntimeError) as info:
@@ -106,7 +106,7 @@ STOPPED_CHILD = textwrap.dedent("""
     import sys, threading, torch.distributed as dist
     sys.path.insert(0, {repo!r})
     from hf_hetermoe import health
-    from hf_hetermoe.health import HealthMonitor
+    from hf_hetermoe.health_monitor import HealthMonitor
     store = dist.TCPStore("127.0.0.1", 0, None, is_master=True)
     monitor = HealthMonitor(store=store, rank=1, world_size=2, role="expert server", period_s=0.2).start()
     assert monitor.install_sigterm_report()
