@@ -28,7 +28,8 @@ from .config import HeterMoEConfig
 from . import protocol
 from .engine import HeterMoEEngine
 from .expert_server import build_setup_payload
-from .expert_shard import ExpertShard
+from .expert_keys import ExpertTensorKey
+from .expert_shard import ExpertShard, select_experts
 from .groups import HeterMoEGroups
 from .asym_ea import auto_placement_counts, check_fits, describe_offloads, model_expert_bytes, placement_for
 from .versions import check_versions
@@ -118,6 +119,15 @@ def _broadcast_from_first_attention_rank(model: nn.Module, groups: HeterMoEGroup
         flush()
 
 
+def _take_experts(full: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """This rank's rows of a model's full expert tensor, to become its shard's storage: the tensor itself when it
+    holds every expert (the model's copy is released right after, so nothing is copied), else a copy of the rows
+    (a view would keep the whole tensor alive)."""
+    if list(experts) == list(range(full.shape[0])):
+        return full
+    return select_experts(full, experts)
+
+
 def _refuse_transformers_expert_parallel(model: nn.Module) -> None:
     dist_config = getattr(model.config, "distributed_config", None)
     if getattr(dist_config, "enable_expert_parallel", False) or any(
@@ -205,21 +215,27 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         )
         engine.command(protocol.Setup(config=payload))
 
-    # Layer by layer, in ascending order (the order the servers receive in): slice this rank's experts and each
-    # server's, then release the layer's full tensors before the next layer, so setup needs at most about one
-    # layer's experts beyond the model itself.
+    # Layer by layer, in ascending order (the order the servers receive in): send each server its experts (views,
+    # no copy here), then tensor by tensor take this rank's experts and release the full tensor, so setup needs
+    # at most one fused tensor's local slice beyond the model itself.
     for slot in sorted(slots, key=lambda s: s.layer):
         original = model.get_submodule(slot.path)
         tensors = {name: getattr(original, name).detach() for name in family.expert_param_names}
-        if shard is not None and slot.layer in shard.local:
-            shard.load_layer_weights(slot.layer, shard.slice_full({slot.layer: tensors}))
         if send_to_servers:
             engine.state.send_layer_to_servers(slot.layer, tensors)
-        del tensors
+        mine = {}
         for name in family.expert_param_names:
-            # Release the local copy: the experts live on their holders now.
+            full = tensors.pop(name)
+            if shard is not None and slot.layer in shard.local:
+                mine[ExpertTensorKey.weight(slot.layer, name).encode()] = _take_experts(full, shard.local[slot.layer])
+            del full
+            # Release the model's copy (freed here unless the shard took it whole): the experts live on their
+            # holders now.
             param = getattr(original, name)
             param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        if mine:
+            shard.load_layer_weights(slot.layer, mine)
+        del mine
         parent_path, _, attr = slot.path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, HeterMoEExperts(
             engine=engine, layer=slot.layer, num_experts=placement.num_experts, original=original
