@@ -181,3 +181,34 @@ def test_a_device_parameters_step_stays_on_cpu_and_its_moments_move_to_the_devic
         state = shard.optimizer.state[p]
         assert state["step"].device == torch.device("cpu")
         assert state["exp_avg"].is_meta and state["exp_avg_sq"].is_meta
+
+
+# ---- the initial parameter broadcast ------------------------------------------------------------------------------
+class _RecordingGroup:
+    """Stands in for the attention group: records what is broadcast and fills it with the root's values (2.0)."""
+
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+
+    def broadcast(self, tensors, opts):
+        (t,) = tensors
+        self.sent.append(t)
+        t.fill_(2.0)
+        return type("Done", (), {"wait": lambda self, *a: True})()
+
+
+def test_broadcast_sends_large_tensors_in_place_and_small_ones_in_bounded_buckets(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_hetermoe import patching
+
+    monkeypatch.setattr(patching, "_BROADCAST_BUCKET_BYTES", 1024)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).double())
+    big = model[0].weight  # 4 KiB: above the bucket bound
+    big_ptr = big.data_ptr()
+    group = _RecordingGroup()
+    patching._broadcast_from_first_attention_rank(model, SimpleNamespace(attention=group, timeout_s=5, rank=1))
+    assert all(bool((p == 2.0).all()) for p in model.parameters())  # every tensor took the root's values
+    assert any(t.data_ptr() == big_ptr for t in group.sent)  # no copy of the large tensor
+    assert max(t.numel() * t.element_size() for t in group.sent if t.data_ptr() != big_ptr) <= 1024
+    assert {t.dtype for t in group.sent} == {torch.float32, torch.float64}  # buckets never mix dtypes
