@@ -1,8 +1,8 @@
 """The expert-rank loop: hold experts, follow the leader's commands, exit 0 on STOP.
 
 An expert server never runs the user's script. It waits for SETUP (model config, placement; its expert weights
-follow, one tensor dict per layer), then serves FORWARD/BACKWARD exchanges, gradient norms, optimizer steps and checkpoint transfers in
-the order the leader (global attention rank 0) issues them.
+follow, one tensor dict per layer), then serves FORWARD/BACKWARD exchanges, gradient norms, optimizer steps and
+checkpoint transfers in the order the leader (global attention rank 0) issues them.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def select_experts(tensor: torch.Tensor, experts: tuple[int, ...] | list[int], *, view_ok: bool = False) -> torch.Tensor:
+def select_experts(tensor: torch.Tensor, experts: tuple[int, ...] | list[int], *,
+                   view_ok: bool = False) -> torch.Tensor:
     """Rows `experts` of a full `(E, ...)` tensor, as a new tensor on its device (the index is built on that
     device: index_select refuses a CPU index for a CUDA tensor).
 
