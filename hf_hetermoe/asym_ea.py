@@ -27,31 +27,44 @@ if TYPE_CHECKING:
     from .topology import Topology
 
 __all__ = ["TRAINING_COPIES", "auto_offloads", "auto_placement_counts", "check_fits", "describe_offloads",
-           "family_top_k", "measure_times", "placement_for"]
+           "family_top_k", "free_bytes", "measure_times", "model_expert_bytes", "placement_for"]
 
 # What one expert parameter costs in memory while training: weight, gradient and two Adam-style moments.
 TRAINING_COPIES = 4
 
 
-def check_fits(placement: ExpertPlacement, *, rank: int, bytes_per_expert: int, device: torch.device) -> None:
-    """ValueError when this rank's experts (weights, grads, optimizer moments) do not fit its free memory."""
+def check_fits(placement: ExpertPlacement, *, rank: int, bytes_per_expert: int, device: torch.device,
+               released_bytes: int = 0) -> None:
+    """ValueError when this rank's experts (weights, grads, optimizer moments) do not fit its memory.
+
+    Called before setup, while the model still holds every expert: `released_bytes` is what setup frees on this
+    device (the model's own expert tensors, which the shard replaces), so it counts as free."""
     held = sum(len(placement.local_experts(rank, layer)) for layer in placement.layers)
     need = held * bytes_per_expert * TRAINING_COPIES
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        try:
-            import psutil
-
-            free = psutil.virtual_memory().available
-        except ImportError:  # cannot tell; let the allocator speak
-            return
+    free = free_bytes(device)
+    if free is None:  # cannot tell; let the allocator speak
+        return
+    free += released_bytes
     if need > 0.9 * free:
         raise ValueError(
             f"hetermoe: rank {rank} would hold {held} experts needing about {need / 2**30:.2f} GiB (weights, grads and "
-            f"optimizer state) but has {free / 2**30:.2f} GiB free. Move fewer experts onto it (asym_ea) or use "
-            "more ranks."
+            f"optimizer state) but has {free / 2**30:.2f} GiB free once the model's own expert tensors are released. "
+            "Move fewer experts onto it (asym_ea) or use more ranks."
         )
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory this process can still allocate on `device` (None if unknown). On CUDA, blocks the caching
+    allocator holds but does not use count as free: this process's next tensors reuse them."""
+    if device.type == "cuda":
+        free = int(torch.cuda.mem_get_info(device)[0])
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
 
 
 def auto_offloads(*, layers: tuple[int, ...], num_experts: int, topology: Topology, t_attn: float,
@@ -79,14 +92,22 @@ def describe_offloads(placement: ExpertPlacement, topology: Topology) -> str:
 
 
 # ---- auto: profile at start-up, then Algorithm 1 -------------------------------------------------------------
-def _time(fn, repeats: int = 3) -> float:
+def _time(fn, device: torch.device | None = None, repeats: int = 3) -> float:
+    """Best wall time of `fn()` over `repeats` runs after a warm-up. CUDA kernels run asynchronously, so the
+    device is synchronised before each clock read: the time is the work's, not its launch's."""
     import time
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -113,7 +134,7 @@ def measure_times(model: torch.nn.Module, family, *, num_seqs: int, seq_len: int
             setattr(parent, attr, _NoExperts())
         embeds = torch.randn(num_seqs, seq_len, hidden, device=device, dtype=model.dtype)
         with torch.no_grad():
-            t_layers = _time(lambda: model.base_model(inputs_embeds=embeds))
+            t_layers = _time(lambda: model.base_model(inputs_embeds=embeds), device)
     finally:
         for parent, attr, module in originals.values():
             setattr(parent, attr, module)
@@ -125,7 +146,7 @@ def measure_times(model: torch.nn.Module, family, *, num_seqs: int, seq_len: int
     index = torch.arange(x.shape[0], device=device).remainder(experts_per_server).unsqueeze(1)
     weight = torch.ones(index.shape, device=device)
     with torch.no_grad():
-        t_experts = _time(lambda: experts(x, index, weight))
+        t_experts = _time(lambda: experts(x, index, weight), device)
     return t_layers / len(slots), t_experts
 
 
@@ -168,8 +189,10 @@ def auto_placement_counts(model: torch.nn.Module, family, config: HeterMoEConfig
                                                  num_attention=topology.num_attention)
             t_e_exp = t_e_attn
             source = f"measured on {groups.device}"
-        free = _free_bytes(groups.device)
         first = model.get_submodule(family.experts_slots(model)[0].path)
+        free = free_bytes(groups.device)
+        if free is not None:  # the model's own expert tensors are released at setup
+            free += model_expert_bytes(model, family, groups.device)
         per_expert = sum(getattr(first, n)[0].numel() * getattr(first, n).element_size()
                          for n in family.expert_param_names) * TRAINING_COPIES
         n_max = None if free is None else int(0.5 * free // per_expert) * topology.num_attention // len(topology.expert_ranks)
@@ -193,12 +216,13 @@ def auto_placement_counts(model: torch.nn.Module, family, config: HeterMoEConfig
     return {layer: int(c) for layer, c in zip(layers, counts.tolist()) if c}
 
 
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return None
+def model_expert_bytes(model: torch.nn.Module, family, device: torch.device) -> int:
+    """Bytes of the model's routed-expert tensors on `device`'s kind of device (what setup releases there)."""
+    total = 0
+    for slot in family.experts_slots(model):
+        module = model.get_submodule(slot.path)
+        for name in family.expert_param_names:
+            t = getattr(module, name)
+            if t.device.type == device.type:
+                total += t.numel() * t.element_size()
+    return total

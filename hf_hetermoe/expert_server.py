@@ -1,8 +1,8 @@
 """The expert-rank loop: hold experts, follow the leader's commands, exit 0 on STOP.
 
-An expert server never runs the user's script. It waits for SETUP (model config, placement, its expert
-weights), then serves FORWARD/BACKWARD exchanges, gradient norms, optimizer steps and checkpoint transfers in
-the order the leader (global attention rank 0) issues them.
+An expert server never runs the user's script. It waits for SETUP (model config, placement; its expert weights
+follow, one tensor dict per layer), then serves FORWARD/BACKWARD exchanges, gradient norms, optimizer steps and
+checkpoint transfers in the order the leader (global attention rank 0) issues them.
 """
 
 from __future__ import annotations
@@ -75,11 +75,17 @@ class ExpertServer:
             model_config._experts_implementation = setup["experts_implementation"]
         placement = ExpertPlacement.from_dict(setup["placement"])
         dtype = getattr(torch, setup["dtype"].removeprefix("torch."))
+        # Unallocated until its weights arrive: one tensor dict per layer this rank holds experts of, in ascending
+        # layer order (ExpertState.send_layer_to_servers), each becoming that layer's storage (one copy, plus one
+        # layer's transfer buffer on a GPU).
         shard = ExpertShard(
             family=family, model_config=model_config, placement=placement, rank=groups.rank, device=groups.device,
             dtype=dtype, num_replicas=int(setup["num_replicas"]), recompute=bool(setup.get("expert_recompute", False)),
+            allocate=False,
         )
-        shard.load_local_weights(self.channel.recv_tensor_dict(groups.leader))
+        for layer in sorted(shard.local):
+            shard.load_layer_weights(layer, self.channel.recv_tensor_dict(groups.leader))
+        shard.check_loaded()
         emulation = EmulationConfig.from_dict(setup.get("emulation"))
         if emulation is not None:
             self.instruments = Instruments(

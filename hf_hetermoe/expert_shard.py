@@ -52,6 +52,20 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def select_experts(tensor: torch.Tensor, experts: tuple[int, ...] | list[int], *,
+                   view_ok: bool = False) -> torch.Tensor:
+    """Rows `experts` of a full `(E, ...)` tensor, as a new tensor on its device (the index is built on that
+    device: index_select refuses a CPU index for a CUDA tensor).
+
+    `view_ok`: consecutive experts (every placement's usual case) come back as a view instead, for a caller that
+    only reads them at once (sending): no copy of them is made on the tensor's device."""
+    experts = list(experts)
+    if view_ok and experts == list(range(experts[0], experts[0] + len(experts))):
+        return tensor.narrow(0, experts[0], len(experts))
+    index = torch.tensor(experts, dtype=torch.int64, device=tensor.device)
+    return tensor.index_select(0, index)
+
+
 def import_class(path: str) -> type:
     module_name, _, qualname = path.partition(":")
     if module_name == "__main__":
@@ -68,12 +82,16 @@ def import_class(path: str) -> type:
 class ExpertShard:
     def __init__(
         self, *, family: Any, model_config: Any, placement: ExpertPlacement, rank: int, device: torch.device,
-        dtype: torch.dtype, num_replicas: int, recompute: bool = False,
+        dtype: torch.dtype, num_replicas: int, recompute: bool = False, allocate: bool = True,
     ):
+        """`allocate=False`: the experts' tensors stay unallocated (on the meta device) until `load_layer_weights`
+        gives each layer its weights, which then become the parameters' storage. Setup uses it so that no layer's
+        experts are ever held twice (its random initial values would be overwritten anyway)."""
         self.family = family
         self.placement = placement
         self.rank = rank
         self.device = device
+        self.dtype = dtype
         self.num_replicas = num_replicas
         # Keep only the inputs between forward and backward; rebuild the experts' graph in backward.
         self.recompute = recompute
@@ -83,8 +101,12 @@ class ExpertShard:
             experts = placement.local_experts(rank, layer)
             if experts:
                 self.local[layer] = experts
-                module = family.make_local_experts(model_config, len(experts))
-                self.modules[layer] = module.to(device=device, dtype=dtype)
+                if allocate:
+                    module = family.make_local_experts(model_config, len(experts)).to(device=device, dtype=dtype)
+                else:
+                    with torch.device("meta"):
+                        module = family.make_local_experts(model_config, len(experts)).to(dtype=dtype)
+                self.modules[layer] = module
         self.saved: dict[ExchangeKey, tuple] = {}
         self.observer = DataPathObserver()  # the owner's instrumentation (timeline, device emulation)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -109,8 +131,19 @@ class ExpertShard:
         return {ExpertTensorKey.weight(layer, name).encode(): p.detach() for layer, name, p in self.named_parameters()}
 
     def load_local_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Every layer's weights at once, keyed by `ExpertTensorKey.weight` (from any device)."""
+        for layer in sorted(self.modules):
+            self.load_layer_weights(layer, tensors)
+
+    def load_layer_weights(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """One layer's `(n, ...)` expert weights, keyed by `ExpertTensorKey.weight` (from any device).
+
+        A parameter not yet allocated (`allocate=False`) takes the given tensor as its storage when it already has
+        this shard's device and dtype (the caller hands it over), else a converted copy; an allocated one is copied
+        into, so its identity and storage (which an optimizer may hold) stay."""
         with torch.no_grad():
-            for layer, name, p in self.named_parameters():
+            for name in self.family.expert_param_names:
+                p = getattr(self.modules[layer], name)
                 key = ExpertTensorKey.weight(layer, name).encode()
                 if key not in tensors:
                     raise ValueError(f"hetermoe: expert weights for layer {layer} ({name}) are missing.")
@@ -120,15 +153,31 @@ class ExpertShard:
                         f"hetermoe: expert weights {name} of layer {layer} have shape {tuple(src.shape)}, "
                         f"expected {tuple(p.shape)} on rank {self.rank}."
                     )
-                p.copy_(src.to(device=p.device, dtype=p.dtype))
+                if p.is_meta:
+                    # A new Parameter (a meta tensor cannot take real storage in place); nothing refers to the
+                    # placeholder yet, the optimizer is built after setup.
+                    weights = src.detach().to(device=self.device, dtype=self.dtype).contiguous()
+                    setattr(self.modules[layer], name, nn.Parameter(weights, requires_grad=p.requires_grad))
+                else:
+                    p.copy_(src.to(device=p.device, dtype=p.dtype))
+
+    def check_loaded(self) -> None:
+        """RuntimeError if a layer never got its weights (a setup that sent fewer layers than this rank holds)."""
+        missing = sorted(layer for layer, module in self.modules.items()
+                         if any(t.is_meta for t in [*module.parameters(), *module.buffers()]))
+        if missing:
+            raise RuntimeError(f"hetermoe: rank {self.rank} got no expert weights for layers {missing}.")
 
     def slice_full(self, full: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Pick this rank's experts out of full `(E, ...)` tensors `{layer: {name: tensor}}`."""
-        index = {layer: torch.tensor(experts) for layer, experts in self.local.items()}
-        return {
-            ExpertTensorKey.weight(layer, name).encode(): full[layer][name].index_select(0, index[layer])
-            for layer, name, _ in self.named_parameters()
-        }
+        """Pick this rank's experts out of full `(E, ...)` tensors `{layer: {name: tensor}}` (of any subset of
+        layers), on the device those tensors are on."""
+        out = {}
+        for layer, tensors in full.items():
+            if layer not in self.local:
+                continue
+            for name in self.family.expert_param_names:
+                out[ExpertTensorKey.weight(layer, name).encode()] = select_experts(tensors[name], self.local[layer])
+        return out
 
     # ---- compute ---------------------------------------------------------------------------------------
     def _run(self, layer: int, x: torch.Tensor, local_expert_R: torch.Tensor, grad: bool,
@@ -272,7 +321,14 @@ class ExpertShard:
             key = ExpertTensorKey.decode(text)
             index = index_of_tensor.get((key.layer, key.name))
             if index is not None and key.state is not None:
-                state.setdefault(index, {})[key.state] = value.to(params[index].device)
+                # As stock resume does (the Trainer loads optimizer.pt with map_location="cpu"): hand the optimizer
+                # CPU tensors and let its load_state_dict place them by torch's own policy, which moves per-parameter
+                # state to the parameter's device and dtype but keeps `step` where it is (on CPU, unless the
+                # optimizer is fused or capturable). A CUDA `step` would cost a device sync per parameter per step.
+                # State shared by all experts of a tensor (`step`) is copied: the optimizer increments it in place,
+                # and the caller's tensor must not change with it.
+                value = value.detach().to("cpu")
+                state.setdefault(index, {})[key.state] = value if key.per_expert else value.clone()
         index_of = {id(p): i for i, p in enumerate(params)}
         groups = [
             {k: v for k, v in g.items() if k != "params"} | {"params": [index_of[id(p)] for p in g["params"]]}

@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from . import protocol as cmds
 from .expert_keys import ExpertTensorKey, parse_stock_state_name, stock_state_name
-from .expert_shard import optimizer_hyperparams
+from .expert_shard import optimizer_hyperparams, select_experts
 from .transport import wait
 
 if TYPE_CHECKING:
@@ -227,18 +227,32 @@ class ExpertState:
                 sample = parts[0][1]
                 out = sample.new_empty((self.placement.num_experts, *sample.shape[1:]))
                 for experts, tensor in parts:
-                    out[list(experts)] = tensor
+                    _put_experts(out, experts, tensor)
                 full.setdefault(layer, {})[name] = out
         return full
 
     def send_slices_to_servers(self, full: FullExperts) -> None:
-        """Leader: send every expert server its experts' slices of full `(E, ...)` tensors."""
+        """Leader: send every expert server its experts' slices of full `(E, ...)` tensors, one dict per server
+        (what a server's LoadWeights receives)."""
         for server in self.topology.expert_ranks:
-            index = {layer: torch.tensor(self.placement.local_experts(server, layer)) for layer in full}
             self.channel.send_tensor_dict(server, {
-                ExpertTensorKey.weight(layer, name).encode(): tensor.index_select(0, index[layer])
-                for layer, tensors in full.items() if len(index[layer]) for name, tensor in tensors.items()
+                ExpertTensorKey.weight(layer, name).encode(): select_experts(tensor, experts, view_ok=True)
+                for layer, tensors in full.items() if (experts := self.placement.local_experts(server, layer))
+                for name, tensor in tensors.items()
             })
+
+    def send_layer_to_servers(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Leader, at setup: send every server that holds experts of `layer` their slices of its full `(E, ...)`
+        tensors `{name: tensor}`, one dict per server and layer (what `ExpertServer.setup` receives, layer by
+        layer in ascending order). Consecutive experts go as views of the full tensors: on a GPU only the host copy
+        control.py makes for sending exists, one server's slices of one layer at a time."""
+        for server in self.topology.expert_ranks:
+            experts = self.placement.local_experts(server, layer)
+            if experts:
+                self.channel.send_tensor_dict(server, {
+                    ExpertTensorKey.weight(layer, name).encode(): select_experts(tensor, experts, view_ok=True)
+                    for name, tensor in tensors.items()
+                })
 
     def load_expert_weights(self, full: FullExperts) -> None:
         """Scatter full expert tensors: the leader sends each server its slice; holders here take theirs."""
@@ -265,7 +279,7 @@ class ExpertState:
                     continue
                 if full_key not in out:
                     out[full_key] = value.new_zeros((self.placement.num_experts, *value.shape[1:]))
-                out[full_key][list(self.placement.local_experts(holder, key.layer))] = value
+                _put_experts(out[full_key], self.placement.local_experts(holder, key.layer), value)
         return out
 
     def load_optimizer_state(self, full: dict[str, torch.Tensor]) -> None:
@@ -288,7 +302,7 @@ class ExpertState:
                     continue
                 per_expert = value.dim() >= 1 and value.shape[0] == self.placement.num_experts
                 key = ExpertTensorKey.optimizer(layer, name, state, per_expert=per_expert)
-                out[key.encode()] = value[list(experts)] if per_expert else value
+                out[key.encode()] = select_experts(value, experts) if per_expert else value
             return out
 
         if self.groups.is_leader and self.has_servers:
@@ -297,6 +311,13 @@ class ExpertState:
                 self.channel.send_tensor_dict(server, slice_for(server))
         if self.shard is not None:
             self.shard.load_optimizer_state(slice_for(self.groups.rank))
+
+
+def _put_experts(out: torch.Tensor, experts: tuple[int, ...], rows: torch.Tensor) -> None:
+    """`out[experts] = rows` for a full `(E, ...)` tensor, with the index on `out`'s device (a CPU index list
+    into a CUDA tensor would be copied over synchronously, and index_copy_ refuses a mismatched device)."""
+    index = torch.tensor(list(experts), dtype=torch.int64, device=out.device)
+    out.index_copy_(0, index, rows.to(device=out.device, dtype=out.dtype))
 
 
 def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:

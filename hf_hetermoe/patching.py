@@ -2,10 +2,12 @@
 
 Applying (on every attention rank, in the same order):
 1. check the model against the config (supported family, experts divisible over the holders);
-2. make the attention replicas identical (broadcast from attention rank 0, as DDP does when it wraps);
-3. build this rank's expert shard (colocated) and send every expert server its experts (leader);
-4. replace each `mlp.experts` with a `HeterMoEExperts` stand-in and release the local expert tensors;
-5. register the state-dict hooks that keep checkpoints complete and stock.
+2. make the attention replicas identical (broadcast from attention rank 0, as DDP does when it wraps), a bounded
+   bucket at a time;
+3. layer by layer: take this rank's experts into its expert shard, send every expert server its experts
+   (leader), release the layer's full expert tensors and put a `HeterMoEExperts` stand-in in place of
+   `mlp.experts` (setup's peak stays near the model's own size);
+4. register the state-dict hooks that keep checkpoints complete and stock.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from .config import HeterMoEConfig
 from . import protocol
 from .engine import HeterMoEEngine
 from .expert_server import build_setup_payload
-from .expert_shard import ExpertShard
+from .expert_keys import ExpertTensorKey
+from .expert_shard import ExpertShard, select_experts
 from .groups import HeterMoEGroups
-from .asym_ea import auto_placement_counts, check_fits, describe_offloads, placement_for
+from .asym_ea import auto_placement_counts, check_fits, describe_offloads, model_expert_bytes, placement_for
 from .versions import check_versions
 from .zebra import ZebraRunner
 
@@ -68,23 +71,61 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# Small tensors travel together in buckets of at most this many bytes (fewer collectives); larger ones are
+# broadcast in place, one at a time. Either way the broadcast never holds more than one bucket besides the model.
+_BROADCAST_BUCKET_BYTES = 16 * 2**20
+
+
 def _broadcast_from_first_attention_rank(model: nn.Module, groups: HeterMoEGroups) -> None:
-    """Make every attention replica equal to attention rank 0's (DDP does this when it wraps a model)."""
+    """Make every attention replica equal to attention rank 0's (DDP does this when it wraps a model).
+
+    Every attention rank walks the same parameters and buffers in the same order, so the buckets match."""
     group = groups.attention
     if group is None:
         return
-    tensors = [t.data for t in list(model.parameters()) + list(model.buffers())]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.timeout = datetime.timedelta(seconds=groups.timeout_s)
-    for same in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(same)
-        wait(group.broadcast([flat], opts), "the initial parameter broadcast", groups.rank)
-        for t, synced in zip(same, torch._utils._unflatten_dense_tensors(flat, same)):
-            t.copy_(synced)
+
+    def broadcast(tensor: torch.Tensor) -> None:
+        wait(group.broadcast([tensor], opts), "the initial parameter broadcast", groups.rank)
+
+    bucket: list[torch.Tensor] = []
+    bucket_bytes = 0
+
+    def flush() -> None:
+        nonlocal bucket_bytes
+        if bucket:
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            broadcast(flat)
+            for t, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                t.copy_(synced)
+        bucket.clear()
+        bucket_bytes = 0
+
+    with torch.no_grad():
+        for t in [t.data for t in list(model.parameters()) + list(model.buffers())]:
+            size = t.numel() * t.element_size()
+            if size == 0:
+                continue
+            if size >= _BROADCAST_BUCKET_BYTES and t.is_contiguous():
+                broadcast(t)  # in place: no copy of a large tensor
+                continue
+            if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device
+                           or bucket_bytes + size > _BROADCAST_BUCKET_BYTES):
+                flush()
+            bucket.append(t)
+            bucket_bytes += size
+        flush()
+
+
+def _take_experts(full: torch.Tensor, experts: tuple[int, ...]) -> torch.Tensor:
+    """This rank's rows of a model's full expert tensor, to become its shard's storage: the tensor itself when it
+    holds every expert (the model's copy is released right after, so nothing is copied), else a copy of the rows
+    (a view would keep the whole tensor alive)."""
+    if list(experts) == list(range(full.shape[0])):
+        return full
+    return select_experts(full, experts)
 
 
 def _refuse_transformers_expert_parallel(model: nn.Module) -> None:
@@ -139,52 +180,68 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         config, layers=family.moe_layers(model.config), num_experts=family.num_experts(model.config),
         topology=groups.topology, offloads=offloads,
     )
-    _broadcast_from_first_attention_rank(model, groups)
-
     first = model.get_submodule(slots[0].path)
     dtype = getattr(first, family.expert_param_names[0]).dtype
     bytes_per_expert = sum(getattr(first, n)[0].numel() * getattr(first, n).element_size()
                            for n in family.expert_param_names)
-    check_fits(placement, rank=groups.rank, bytes_per_expert=bytes_per_expert, device=groups.device)
-    full = {
-        slot.layer: {name: getattr(model.get_submodule(slot.path), name).detach() for name in family.expert_param_names}
-        for slot in slots
-    }
+    # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
+    expert_specs = {name: (tuple(getattr(first, name).shape), getattr(first, name).dtype)
+                    for name in family.expert_param_names}
+    # Before anything waits on another rank; the model's expert tensors are released below, so they count as free.
+    check_fits(placement, rank=groups.rank, bytes_per_expert=bytes_per_expert, device=groups.device,
+               released_bytes=model_expert_bytes(model, family, groups.device))
+    _broadcast_from_first_attention_rank(model, groups)
+
     shard = None
     if placement.holds_any(groups.rank):
+        # Unallocated until each layer's slices arrive below: the shard is built from the model's tensors as
+        # they are released, never beside a full copy.
         shard = ExpertShard(
             family=family, model_config=model.config, placement=placement, rank=groups.rank, device=groups.device,
-            dtype=dtype, num_replicas=groups.topology.num_attention,
+            dtype=dtype, num_replicas=groups.topology.num_attention, allocate=False,
         )
-        shard.load_local_weights(shard.slice_full(full))
         shard.check_finite = config.check_finite
 
     engine = HeterMoEEngine(
         groups=groups, config=config, family=family, model_config=model.config, placement=placement, shard=shard,
-        slot_paths={slot.layer: slot.path for slot in slots},
-        # Every layer's fused expert tensors share one shape; revert_hetermoe allocates from it.
-        expert_specs={name: (tuple(t.shape), t.dtype) for name, t in full[slots[0].layer].items()},
+        slot_paths={slot.layer: slot.path for slot in slots}, expert_specs=expert_specs,
     )
-    if groups.is_leader and engine.has_servers:
+    send_to_servers = groups.is_leader and engine.has_servers
+    if send_to_servers:
         payload = build_setup_payload(
             model_config=model.config, placement=placement, dtype=dtype, num_replicas=groups.topology.num_attention,
             expert_recompute=config.zebra.expert_recompute, emulation=config.emulation,
             check_finite=config.check_finite,
         )
         engine.command(protocol.Setup(config=payload))
-        engine.state.send_slices_to_servers(full)
-    del full
 
-    for slot in slots:
+    # Layer by layer, in ascending order (the order the servers receive in): send each server its experts (views,
+    # no copy here), then tensor by tensor take this rank's experts and release the full tensor, so setup needs
+    # at most one fused tensor's local slice beyond the model itself.
+    for slot in sorted(slots, key=lambda s: s.layer):
         original = model.get_submodule(slot.path)
-        parent_path, _, attr = slot.path.rpartition(".")
-        parent = model.get_submodule(parent_path)
+        tensors = {name: getattr(original, name).detach() for name in family.expert_param_names}
+        if send_to_servers:
+            engine.state.send_layer_to_servers(slot.layer, tensors)
+        mine = {}
         for name in family.expert_param_names:
-            # Release the local copy: the experts live on their holders now.
-            getattr(original, name).data = torch.empty(0, dtype=dtype, device=getattr(original, name).device)
-        setattr(parent, attr, HeterMoEExperts(
+            full = tensors.pop(name)
+            if shard is not None and slot.layer in shard.local:
+                mine[ExpertTensorKey.weight(slot.layer, name).encode()] = _take_experts(full, shard.local[slot.layer])
+            del full
+            # Release the model's copy (freed here unless the shard took it whole): the experts live on their
+            # holders now.
+            param = getattr(original, name)
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        if mine:
+            shard.load_layer_weights(slot.layer, mine)
+        del mine
+        parent_path, _, attr = slot.path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, HeterMoEExperts(
             engine=engine, layer=slot.layer, num_experts=placement.num_experts, original=original
         ))
+    if shard is not None:
+        shard.check_loaded()
     model.__dict__[_ENGINE_ATTR] = engine
     model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine.state)
     engine.install_model_hooks(model)
