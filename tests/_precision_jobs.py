@@ -162,3 +162,11 @@ def output_dir(base, name: str) -> str:
     path = os.path.join(str(base), name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def train_on_pre_ampere_servers(hetermoe_config: dict, spec: dict) -> dict | None:
+    """As `train_precision_under_launcher`, with every expert server reporting a V100 (compute capability 7.0)."""
+    import hf_hetermoe.expert_server as expert_server
+
+    expert_server.device_capability = lambda device: (7, 0)
+    return train_precision_under_launcher(hetermoe_config, spec)

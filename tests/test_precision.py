@@ -38,7 +38,8 @@ from hf_hetermoe.expert_server import ExpertServer
 from hf_hetermoe.precision import check_grad_scaler, wire_dtype
 from tests._dist import spawn
 from tests._jobs import tiny_mixtral_config
-from tests._precision_jobs import INIT_SCALE, train_precision, train_precision_under_launcher
+from tests._precision_jobs import (INIT_SCALE, train_on_pre_ampere_servers, train_precision,
+                                   train_precision_under_launcher)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 M1 = {"attention_ranks": [0]}  # 1 attention rank + 2 expert servers on 3 processes
@@ -214,3 +215,15 @@ def test_fp16_overflow_on_an_expert_server_skips_the_step_everywhere(tmp_path):
     config = dict(M1, zebra={"microbatches": 1})  # stock batch shapes (the module docstring says why)
     ours = spawn(3, train_precision_under_launcher, config, dict(spec, output_dir=str(tmp_path / "ours")))[0]
     _assert_fp16_run_equals_stock(stock, ours)
+
+
+@pytest.mark.slow
+def test_bf16_on_pre_ampere_servers_fails_fast_with_the_reason_on_the_attention_rank(tmp_path):
+    """Servers reporting compute capability 7.0 refuse the first bf16 forward before entering its collectives;
+    the attention rank waiting in the exchange fails at once and names the servers' reason (no timeout)."""
+    spec = {"precision": "bf16", "experts_implementation": "eager", "output_dir": str(tmp_path / "ours")}
+    with pytest.raises(AssertionError) as failed:
+        spawn(3, train_on_pre_ampere_servers, dict(M1, timeout_s=60), spec, timeout=60)
+    attention_rank = str(failed.value).split("rank 0:\n", 1)[1].split("\nrank 1:\n", 1)[0]
+    assert "expert rank 1 runs on cpu (compute capability 7.0)" in attention_rank
+    assert "Train with fp16 mixed precision" in attention_rank
