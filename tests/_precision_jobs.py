@@ -62,15 +62,21 @@ def inject_inf_in_expert_shards(step: int) -> None:
     ExpertShard.prepare_grads = prepare_grads
 
 
-def _inject_inf_in_stock(trainer: Trainer, model: MixtralForCausalLM, step: int) -> None:
-    """Stock: the same gradient entry made inf at the same point (after backward, before clipping)."""
+def _inject_inf_before_clipping(trainer: Trainer, model: MixtralForCausalLM, step: int, where: str) -> None:
+    """The gradient entry made inf after backward, before clipping: the stock expert (stock runs), or an attention
+    weight (any run)."""
     original = trainer._clip_grad_norm
     seen = {"steps": 0}
 
     def clip_grad_norm(model_arg):
         seen["steps"] += 1
         if seen["steps"] == step:
-            model.model.layers[INF_LAYER].mlp.experts.gate_up_proj.grad[INF_EXPERT, 0, 0] = float("inf")
+            layer = model.model.layers[INF_LAYER]
+            if where == "expert":
+                grad = layer.mlp.experts.gate_up_proj.grad[INF_EXPERT]
+            else:
+                grad = layer.self_attn.q_proj.weight.grad
+            grad[0, 0] = float("inf")
         return original(model_arg)
 
     trainer._clip_grad_norm = clip_grad_norm
@@ -103,8 +109,9 @@ class _Record(TrainerCallback):
 
 
 def train_precision(spec: dict) -> dict | None:
-    """spec: output_dir, precision ("bf16" | "fp16"), experts_implementation, colocated (bool), inf_step (fp16),
-    max_steps. Returns losses, logs, loss scales and per-step weights on (attention) rank 0."""
+    """spec: output_dir, precision ("bf16" | "fp16"), experts_implementation, colocated (bool), inf_step (fp16:
+    the optimizer step whose gradient gets an inf), inf_in ("expert", default, or "attention"), max_steps.
+    Returns losses, logs, loss scales and per-step weights on (attention) rank 0."""
     if spec["precision"] == "fp16":
         cpu_fp16_like_a_gpu()
     torch.manual_seed(0)
@@ -126,12 +133,14 @@ def train_precision(spec: dict) -> dict | None:
         from hf_hetermoe import HeterMoECallback, HeterMoEConfig
 
         callbacks.append(HeterMoECallback(HeterMoEConfig(mode="colocated")))
-    if spec.get("inf_step") and (spec.get("colocated") or spec.get("hetermoe")):
+    hetermoe = spec.get("colocated") or spec.get("hetermoe")
+    in_attention = spec.get("inf_in") == "attention"
+    if spec.get("inf_step") and hetermoe and not in_attention:
         inject_inf_in_expert_shards(spec["inf_step"])
     trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), callbacks=callbacks)
     record.trainer = trainer
-    if spec.get("inf_step") and not (spec.get("colocated") or spec.get("hetermoe")):
-        _inject_inf_in_stock(trainer, model, spec["inf_step"])
+    if spec.get("inf_step") and (in_attention or not hetermoe):
+        _inject_inf_before_clipping(trainer, model, spec["inf_step"], "attention" if in_attention else "expert")
     trainer.train()
     if not trainer.is_world_process_zero():
         return None
@@ -147,7 +156,7 @@ def train_precision_under_launcher(hetermoe_config: dict, spec: dict) -> dict | 
     from hf_hetermoe.launch import run_rank
 
     spec = dict(spec, hetermoe=True)
-    if spec.get("inf_step"):
+    if spec.get("inf_step") and spec.get("inf_in") != "attention":
         inject_inf_in_expert_shards(spec["inf_step"])  # servers hold the expert; the attention rank patches too
     result: dict[str, Any] = {}
 
