@@ -23,6 +23,7 @@ from .expert_state import ExpertState
 from .groups import HeterMoEGroups
 from .instrumentation import Instruments, ModelHooks
 from .placement import ExpertPlacement
+from .precision import wire_dtype
 from .stats import PoolStats
 from .transport import ExchangeKey, ExchangePlan, PendingExchange, TokenTransport
 
@@ -75,7 +76,7 @@ class HeterMoEEngine:
         self.generation = groups.generation
         # Expert outputs of the current forward, by layer: a checkpointed layer's recompute reuses them
         # instead of running the experts again.
-        self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan, int]]] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, tuple[ExchangeKey, ExchangePlan, int, torch.dtype]]] = {}
         self.state = ExpertState(
             groups=groups, placement=placement, shard=shard, family=family, slot_paths=slot_paths,
             command=self.command, channel=self.channel,
@@ -145,20 +146,21 @@ class HeterMoEEngine:
         y_PH = pending.wait()
         self.instruments.exchange_done("D", "F", key, start)
         self.model_hooks.attention_resumed["F"] = self.instruments.now()
-        result = (y_PH, (key, plan, num_tokens))
+        # y_PH is in the wire dtype (precision.wire_dtype): the stand-in applies the routing weights in it.
+        result = (y_PH, (key, plan, num_tokens, x_PH.dtype))
         if keep:
             self._outputs[layer] = result
         return result
 
     def backward_exchange(self, handle: tuple, dy_PH: torch.Tensor) -> torch.Tensor:
-        key, plan, num_tokens = handle
+        key, plan, num_tokens, x_dtype = handle
         self._attention_task("B", key.layer, num_tokens)
         self._outputs.pop(key.layer, None)
         pending = self.issue_backward(key, plan, dy_PH, reuse_buffers=False)
         self.finish_layer(key.layer)
         dx = pending.wait()
         self.model_hooks.attention_resumed["B"] = self.instruments.now()
-        return dx
+        return dx.to(x_dtype)  # the backward of stock's cast to the experts' compute dtype
 
     # ---- asynchronous exchanges (zebra; the synchronous path waits on them at once) --------------------------
     def begin_session(self) -> int:
@@ -179,12 +181,24 @@ class HeterMoEEngine:
         self, key: ExchangeKey, x_PH: torch.Tensor, counts_E: torch.Tensor, *, keep: bool, autocast: torch.dtype | None,
         reuse_buffers: bool = True,
     ) -> tuple[PendingExchange, ExchangePlan]:
-        """Send one stripe's rows to the expert holders without waiting; `wait()` on the result gives y_PH."""
+        """Send one stripe's rows to the expert holders without waiting; `wait()` on the result gives y_PH.
+
+        Rows travel in the experts' compute dtype (`row_dtype`), and so do y_PH and the gradients of the backward
+        exchange; the caller casts input gradients back to x_PH's dtype."""
         self.expert_load[key.layer] += counts_E
+        row_dtype = self.row_dtype(autocast, x_PH.dtype)
         self.command(cmds.Forward(layer=key.layer, stripe=key.stripe, session=key.session, keep=keep,
-                                  autocast=autocast, row_dtype=x_PH.dtype, seq_len=self.seq_len))
-        return self.transport.dispatch_forward(key, x_PH, counts_E, keep=keep, autocast=autocast,
+                                  autocast=autocast, row_dtype=row_dtype, seq_len=self.seq_len))
+        return self.transport.dispatch_forward(key, x_PH.to(row_dtype), counts_E, keep=keep, autocast=autocast,
                                                seq_len=self.seq_len, reuse_buffers=reuse_buffers)
+
+    def row_dtype(self, autocast: torch.dtype | None, input_dtype: torch.dtype) -> torch.dtype:
+        """Dtype of expert rows on the wire under `autocast` (precision.wire_dtype: exact, and no wider than the
+        experts compute in)."""
+        weight_dtype = next(iter(self.expert_specs.values()))[1]
+        has_bias = any(name.endswith("bias") for name in self.expert_specs)
+        implementation = getattr(self.model_config, "_experts_implementation", None)
+        return wire_dtype(implementation, weight_dtype, autocast, input_dtype, has_bias=has_bias)
 
     def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
                        reuse_buffers: bool = True) -> PendingExchange:

@@ -23,6 +23,7 @@ from .expert_shard import ExpertShard
 from .groups import HeterMoEGroups
 from .instrumentation import Instruments
 from .placement import ExpertPlacement
+from .precision import GROUPED_MM, check_compute_dtype, device_capability
 from .transport import ExchangeKey, ExchangePlan, TokenTransport, wait
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class ExpertServer:
         self.transport: TokenTransport | None = None
         self.plans: dict[ExchangeKey, ExchangePlan] = {}  # kept forwards, until their backward
         self.stats_since = time.perf_counter()
+        # bf16 needs Ampere or newer (precision.check_compute_dtype); tests inject an older capability on CPU.
+        self.capability = device_capability(groups.device)
+        self.device_name = (torch.cuda.get_device_name(groups.device) if groups.device.type == "cuda"
+                            else str(groups.device))
+        self.experts_implementation: str | None = None
 
     def setup(self, setup: dict) -> None:
         """A new model: build its experts here (replacing any earlier model's) and receive their weights."""
@@ -75,6 +81,10 @@ class ExpertServer:
             model_config._experts_implementation = setup["experts_implementation"]
         placement = ExpertPlacement.from_dict(setup["placement"])
         dtype = getattr(torch, setup["dtype"].removeprefix("torch."))
+        # Refused here, before the weights arrive; the leader's weight send fails when this rank exits, and
+        # the launcher reports this message (health.py) on every rank.
+        self.check_dtype(dtype, "the model's expert weights dtype")
+        self.experts_implementation = setup.get("experts_implementation")
         # Unallocated until its weights arrive: one tensor dict per layer this rank holds experts of, in ascending
         # layer order (ExpertState.send_layer_to_servers), each becoming that layer's storage (one copy, plus one
         # layer's transfer buffer on a GPU).
@@ -100,7 +110,21 @@ class ExpertServer:
         logger.info("hetermoe: expert rank %d holds %s", groups.rank, {layer: list(e) for layer, e in shard.local.items()})
 
     # ---- one handler per command ------------------------------------------------------------------------------
+    def check_dtype(self, dtype: torch.dtype | None, what: str) -> None:
+        check_compute_dtype(dtype, rank=self.groups.rank, capability=self.capability, device_name=self.device_name,
+                            what=what)
+
+    def check_forward_dtypes(self, cmd: cmds.Forward) -> None:
+        """The experts compute in the row dtype (precision.wire_dtype), and under autocast in its dtype too for
+        implementations other than grouped_mm (their matmuls are autocast ops). Checked before this rank enters
+        the exchange's collectives: the attention ranks waiting in them fail when this rank exits, and every rank
+        prints this message (launch.py reports a failed rank through the health keys)."""
+        self.check_dtype(cmd.row_dtype, "the expert rows' dtype")
+        if self.experts_implementation != GROUPED_MM:
+            self.check_dtype(cmd.autocast, "the attention ranks' autocast dtype (mixed precision)")
+
     def forward(self, cmd: cmds.Forward) -> None:
+        self.check_forward_dtypes(cmd)
         key = ExchangeKey(session=cmd.session, layer=cmd.layer, stripe=cmd.stripe)
         if cmd.keep:
             for stale in [k for k in self.plans if k.session < cmd.session]:

@@ -61,6 +61,8 @@ class ExpertState:
         self._pending_reduce: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
         self._reduced: set[int] = set()
         self.clip_coef = 1.0
+        # fp16: the loss scaler skips this step (a non-finite global norm; precision.scaled_clip_grad_norm).
+        self.overflow = False
         # Optimizer
         self.optimizer_spec: dict | None = None  # what the expert holders' optimizer was built from
         self.optimizer_groups: list[int] = []  # Trainer param-group index of each expert param group, in order
@@ -126,10 +128,17 @@ class ExpertState:
         dtype = grads[0].dtype if grads else torch.float32
         return total.to(dtype=dtype, device=self.groups.device)
 
-    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float, *, unscale: float = 1.0) -> torch.Tensor:
-        """Clip like `torch.nn.utils.clip_grad_norm_`, but over the global norm; experts get the same coefficient."""
+    def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float, *, unscale: float = 1.0,
+                       skip_if_nonfinite: bool = False) -> torch.Tensor:
+        """Clip like `torch.nn.utils.clip_grad_norm_`, but over the global norm; experts get the same coefficient.
+
+        `skip_if_nonfinite`: a non-finite norm clips nothing (the step will be skipped: fp16 loss scaling, see
+        precision.scaled_clip_grad_norm); otherwise it clips by max_norm / inf = 0, as torch does."""
         total = self.global_grad_norm(params, unscale=unscale)
         if max_norm == float("inf"):
+            return total
+        if skip_if_nonfinite and not torch.isfinite(total).item():
+            self.clip_coef = 1.0
             return total
         coef = max_norm / (float(total) + 1e-6)
         self.clip_coef = min(coef, 1.0)
@@ -164,7 +173,12 @@ class ExpertState:
 
     def step(self, *, lrs: list[float], skipped: bool) -> None:
         """Step the experts with the learning rates the Trainer's optimizer just used (one per entry of
-        `optimizer_groups`), then zero their grads."""
+        `optimizer_groups`), then zero their grads. A step the loss scaler skipped (`overflow`) is skipped here
+        even when `skipped` says otherwise: a fused optimizer (`_step_supports_amp_scaling`, e.g. the Trainer's
+        default fused AdamW) is called by the scaler and skips inside, so accelerate's `step_was_skipped` stays
+        False."""
+        skipped = skipped or self.overflow
+        self.overflow = False
         self.command(cmds.Step(clip_coef=self.clip_coef, lrs=tuple(lrs), skipped=skipped))
         if self.shard is not None:
             self.shard.step(lrs=lrs, clip_coef=self.clip_coef, skipped=skipped)

@@ -47,7 +47,7 @@ class Command:
 @dataclass(frozen=True)
 class Setup(Command):
     """A model was patched: `config` holds the model config and placement (`expert_server.build_setup_payload`);
-    the server's expert weights follow as a tensor dict."""
+    the server's expert weights follow, one tensor dict per layer it holds experts of, in ascending layer order."""
 
     OP: ClassVar[int] = 1
     config: dict = field(default_factory=dict)

@@ -131,7 +131,14 @@ class _Done:
 
 
 class ReceiveBuffers:
-    """Receive buffers reused across steps, one per (layer, stripe, use), grown when a step needs more rows."""
+    """Receive buffers reused across steps, one per (layer, stripe, use), grown when a step needs more rows.
+
+    Memory bound on an attention rank: per MoE layer, stripe and direction (forward results, backward input
+    gradients) one `(rows, H)` buffer, where rows is the most (token, k) pairs one stripe of this rank ever sent
+    (tokens per stripe x top_k), in the wire dtype (precision.wire_dtype: bf16 rows take half the bytes of
+    fp32). An attention rank that holds experts (Asym-EA, colocated) adds one per (layer, stripe, direction) for
+    the rows it receives, at most the pairs of all attention ranks routed to its experts. The synchronous path
+    and expert servers use fresh buffers (`key=None`)."""
 
     def __init__(self, hidden_size: int, device: torch.device):
         self.hidden_size = hidden_size

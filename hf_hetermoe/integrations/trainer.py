@@ -143,7 +143,10 @@ class HeterMoECallback(TrainerCallback):
         self.engine.state.finish_gradients(list(model.parameters()))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        # Whether the GradScaler skipped this step (fp16 overflow, in attention or, via the global norm, expert
+        # gradients; precision.py): the experts skip it too. The Trainer asks the Accelerator, as here: the
+        # optimizer this event receives is the bare torch optimizer, which has no `step_was_skipped`.
+        skipped = bool(self.trainer.accelerator.optimizer_step_was_skipped)
         inner = getattr(optimizer, "optimizer", optimizer)
         expert_state = self.engine.state
         lrs = [float(inner.param_groups[i]["lr"]) for i in expert_state.optimizer_groups]

@@ -24,6 +24,7 @@ import torch
 from .. import atomic_checkpoint
 from ..checkpoint import load_expert_optimizer, save_expert_optimizer
 from ..patching import state_hooks
+from ..precision import check_grad_scaler, scaled_clip_grad_norm
 from ..versions import SUPPORTED
 
 if TYPE_CHECKING:
@@ -119,20 +120,22 @@ def install_trainer_overrides(
     original_save_optim = trainer._save_optimizer_and_scheduler
     original_load_optim = trainer._load_optimizer_and_scheduler
 
-    def unscale_factor() -> float:
+    def unscaled_scaler():
+        """Unscale the attention gradients (fp16), as the stock clipping does first; the enabled scaler or None."""
         trainer.accelerator.unscale_gradients()
         scaler = getattr(trainer.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            return 1.0 / float(scaler.get_scale())
-        return 1.0
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    # fp16: a non-finite global norm marks the step skipped in the scaler (precision.py); check its fields now.
+    check_grad_scaler(getattr(trainer.accelerator, "scaler", None))
 
     def clip_grad_norm(model_arg):
         params = list(model_arg.parameters())
-        return state.clip_grad_norm(params, trainer.args.max_grad_norm, unscale=unscale_factor())
+        return scaled_clip_grad_norm(state, params, trainer.args.max_grad_norm, unscaled_scaler())
 
     def get_grad_norm(model_arg, grad_norm=None):
         if grad_norm is None:
-            grad_norm = state.global_grad_norm(list(model_arg.parameters()), unscale=unscale_factor())
+            grad_norm = scaled_clip_grad_norm(state, list(model_arg.parameters()), None, unscaled_scaler())
         return grad_norm
 
     def save_model(output_dir=None, _internal_call=False):
