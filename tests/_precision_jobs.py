@@ -9,8 +9,9 @@ GPU ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import MixtralForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -21,11 +22,11 @@ INIT_SCALE = 2.0 ** 12
 INF_LAYER, INF_EXPERT = 0, 1  # the expert whose gradient overflows
 
 
-def cpu_fp16_like_a_gpu() -> None:
+@contextlib.contextmanager
+def cpu_fp16_like_a_gpu() -> Iterator[None]:
+    """While active, an fp16 Accelerator on CPU gets the GradScaler accelerate gives it on GPUs."""
     from accelerate import Accelerator
 
-    if getattr(Accelerator, "_hetermoe_test_fp16", False):
-        return
     original = Accelerator.__init__
 
     def __init__(self, *args, **kwargs):
@@ -35,18 +36,23 @@ def cpu_fp16_like_a_gpu() -> None:
             self.scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
 
     Accelerator.__init__ = __init__
-    Accelerator._hetermoe_test_fp16 = True
+    try:
+        yield
+    finally:
+        Accelerator.__init__ = original
 
 
-def inject_inf_in_expert_shards(step: int) -> None:
+@contextlib.contextmanager
+def inject_inf_in_expert_shards(step: int) -> Iterator[None]:
     """HeterMoE: make the gradient of expert INF_EXPERT of layer INF_LAYER inf (still loss-scaled) on optimizer
-    step `step`, on whichever rank holds it, before the step's gradient norm."""
+    step `step`, on whichever rank holds it, before the step's gradient norm. Only while active: a patch left
+    behind would inject the inf into every later test's training in this process."""
     from hf_hetermoe.expert_shard import ExpertShard
 
-    if getattr(ExpertShard, "_test_inf_step", None) == step:
+    if getattr(ExpertShard.prepare_grads, "_injects_inf", False):  # already active (nested): inject once
+        yield
         return
     original = ExpertShard.prepare_grads
-    ExpertShard._test_inf_step = step
 
     def prepare_grads(self, unscale: float = 1.0) -> float:
         if not self._grads_prepared:
@@ -59,7 +65,12 @@ def inject_inf_in_expert_shards(step: int) -> None:
                 p.grad[experts.index(INF_EXPERT), 0, 0] = float("inf")
         return original(self, unscale)
 
+    prepare_grads._injects_inf = True
     ExpertShard.prepare_grads = prepare_grads
+    try:
+        yield
+    finally:
+        ExpertShard.prepare_grads = original
 
 
 def _inject_inf_before_clipping(trainer: Trainer, model: MixtralForCausalLM, step: int, where: str) -> None:
@@ -112,8 +123,16 @@ def train_precision(spec: dict) -> dict | None:
     """spec: output_dir, precision ("bf16" | "fp16"), experts_implementation, colocated (bool), inf_step (fp16:
     the optimizer step whose gradient gets an inf), inf_in ("expert", default, or "attention"), max_steps.
     Returns losses, logs, loss scales and per-step weights on (attention) rank 0."""
-    if spec["precision"] == "fp16":
-        cpu_fp16_like_a_gpu()
+    with contextlib.ExitStack() as patches:
+        if spec["precision"] == "fp16":
+            patches.enter_context(cpu_fp16_like_a_gpu())
+        hetermoe = spec.get("colocated") or spec.get("hetermoe")
+        if spec.get("inf_step") and hetermoe and spec.get("inf_in") != "attention":
+            patches.enter_context(inject_inf_in_expert_shards(spec["inf_step"]))
+        return _train_precision(spec)
+
+
+def _train_precision(spec: dict) -> dict | None:
     torch.manual_seed(0)
     model = MixtralForCausalLM(tiny_mixtral_config(experts_implementation=spec.get("experts_implementation",
                                                                                     "grouped_mm")))
@@ -135,8 +154,6 @@ def train_precision(spec: dict) -> dict | None:
         callbacks.append(HeterMoECallback(HeterMoEConfig(mode="colocated")))
     hetermoe = spec.get("colocated") or spec.get("hetermoe")
     in_attention = spec.get("inf_in") == "attention"
-    if spec.get("inf_step") and hetermoe and not in_attention:
-        inject_inf_in_expert_shards(spec["inf_step"])
     trainer = Trainer(model=model, args=args, train_dataset=tiny_dataset(), callbacks=callbacks)
     record.trainer = trainer
     if spec.get("inf_step") and (in_attention or not hetermoe):
@@ -156,14 +173,15 @@ def train_precision_under_launcher(hetermoe_config: dict, spec: dict) -> dict | 
     from hf_hetermoe.launch import run_rank
 
     spec = dict(spec, hetermoe=True)
-    if spec.get("inf_step") and spec.get("inf_in") != "attention":
-        inject_inf_in_expert_shards(spec["inf_step"])  # servers hold the expert; the attention rank patches too
     result: dict[str, Any] = {}
 
     def attention_main() -> None:
         result["value"] = train_precision(spec)
 
-    run_rank(HeterMoEConfig.from_dict(hetermoe_config), attention_main)
+    with contextlib.ExitStack() as patches:
+        if spec.get("inf_step") and spec.get("inf_in") != "attention":
+            patches.enter_context(inject_inf_in_expert_shards(spec["inf_step"]))  # servers hold the expert
+        run_rank(HeterMoEConfig.from_dict(hetermoe_config), attention_main)
     return result.get("value")
 
 
