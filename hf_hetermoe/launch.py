@@ -11,7 +11,8 @@ Started by `accelerate launch` / torchrun (or `hetermoe launch`, which fills in 
 5. every rank then shuts down in one order (`run_rank`): the attention world's default group, the HeterMoE
    groups, the health monitor's threads, the store connections, so nothing native is left running when the
    interpreter finalizes (where a thread that needs the GIL aborts the process: "terminate called without an
-   active exception"). A failed rank skips the group teardown and leaves through `_exit_now`.
+   active exception"). A failed rank skips the group teardown: it aborts its NCCL groups (`HeterMoEGroups.abort`)
+   and leaves through `_exit_now`.
 """
 
 from __future__ import annotations
@@ -233,8 +234,11 @@ def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store:
     finally:
         # A failed rank skips this: a gloo destructor waits for collectives still queued, which with a dead peer
         # takes the group's timeout; main() ends a failed rank with os._exit, which runs no destructor at all.
+        # Its NCCL groups are aborted instead (a no-op on gloo): kernels queued on a dead peer stop now.
         if succeeded:
             shutdown_rank(groups)
+        else:
+            groups.abort(f"rank {rank} failed")
 
 
 def shutdown_rank(groups: HeterMoEGroups) -> None:
