@@ -77,10 +77,39 @@ def connect_store(*, rank: int, world_size: int, timeout_s: float) -> dist.Store
 
 
 def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+    if torch.cuda.is_available() and not _uses_cpu(os.environ):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _uses_cpu(environ: "os._Environ[str] | dict[str, str]") -> bool:
+    return environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def check_attention_ranks_first(topology: Topology, local_world_size: int) -> None:
+    """On GPUs, the attention ranks of every node must be its first local ranks (0..k-1).
+
+    There LOCAL_RANK stays the device index (Accelerate selects the GPU with it), so Accelerate's local main
+    process (local rank 0: data set preprocessing first, logging) is an attention rank only if local rank 0 is
+    one; otherwise no process of the node is its local main. Raises ValueError with the fix, before any group."""
+    if topology.mode != "disaggregated" or local_world_size < 1:
+        return
+    for node in range(-(-topology.world_size // local_world_size)):
+        first = node * local_world_size
+        local = sorted(r - first for r in topology.attention_ranks if first <= r < first + local_world_size)
+        if local and local != list(range(len(local))):
+            size = min(local_world_size, topology.world_size - first)
+            order = local + [i for i in range(size) if i not in local]
+            wanted = [first + i for i in range(len(local))]
+            raise ValueError(
+                f"hetermoe config: `attention_ranks` {list(topology.attention_ranks)} puts the attention ranks of node "
+                f"{node} on its local ranks {local}, but on GPUs they must be the node's first local ranks: "
+                "Accelerate's local main process (local rank 0, which preprocesses data sets first and logs) must "
+                f"run the script. List `attention_ranks` as {wanted} on this node and order its GPUs attention first "
+                f"(CUDA_VISIBLE_DEVICES={','.join(map(str, order))}, in the node's current numbering), or use "
+                "`attention_ranks: auto` with `hetermoe launch`, which orders the GPUs newest first."
+            )
 
 
 def _device_capabilities(store: dist.Store, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int]]:
@@ -192,6 +221,8 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
     else:
         topology = config.resolve_topology(world_size)  # ValueError here, before any group waits
         store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
+    if device.type == "cuda":  # every rank resolved the same topology: all fail alike, before any group waits
+        check_attention_ranks_first(topology, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     monitor = _start_health(topology, rank, config.timeout_s)
     failed = True
     try:
