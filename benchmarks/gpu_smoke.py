@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-rehearsal", action="store_true",
                         help="run the training steps on CPU (gloo) to check this script without a GPU")
     parser.add_argument("--budget-s", type=float, default=450, help="stop starting steps after this (default 450)")
+    parser.add_argument("--steps", default=None, help="comma-separated step names to run (default: all)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
@@ -173,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if ns.cpu_rehearsal else "cuda"
     log(f"hetermoe gpu smoke: {n} GPU(s){', CPU REHEARSAL (training steps on CPU, probes skipped)' if ns.cpu_rehearsal else ''}; output {out}")
     outcomes: list[tuple[str, str, float]] = []
-    for step in STEPS:
+    chosen = [name.strip() for name in ns.steps.split(",")] if ns.steps else [step.name for step in STEPS]
+    unknown = sorted(set(chosen) - {step.name for step in STEPS})
+    if unknown:
+        log(f"unknown step(s) {unknown}; see --dry-run")
+        return 2
+    for step in (step for step in STEPS if step.name in chosen):
         t0 = time.monotonic()
         log(f"[{step.name}] {step.what}")
         left = ns.budget_s - (t0 - start)
@@ -288,7 +294,7 @@ def job_disaggregated(out: str, device: str) -> tuple[str, str]:
             "device": device, "trace_dir": trace_dir}
     # Three processes on one GPU: every rank uses device 0 (LOCAL_RANK 0), and the data groups run on gloo with CUDA
     # tensors, because NCCL refuses two ranks on one device.
-    env = {"LOCAL_RANK": "0", "HETERMOE_DATA_BACKEND": "gloo",
+    env = {"LOCAL_RANK": "0", "HETERMOE_DATA_BACKEND": "gloo", "HETERMOE_TRACE": trace_dir,  # servers' traces too
            "ACCELERATE_USE_CPU": "1" if device == "cpu" else "0"}
     print("disaggregated-1gpu: 3 processes share GPU 0; data groups on gloo with CUDA tensors "
           "(HETERMOE_DATA_BACKEND=gloo): NCCL refuses two ranks on one GPU", flush=True)
@@ -296,9 +302,10 @@ def job_disaggregated(out: str, device: str) -> tuple[str, str]:
     status, detail = _compare(reference, ref_dir, results[0], our_dir, "fp32")
     traces = sorted(os.listdir(trace_dir)) if os.path.isdir(trace_dir) else []
     if len(traces) < 3:
-        status = "FAIL"
-    return status, (f"gloo data groups with CUDA tensors (NCCL refuses 2 ranks on 1 GPU); {detail}; "
-                    f"{len(traces)} trace file(s) in {trace_dir}: {traces}")
+        status, detail = "FAIL", detail + "; FEWER THAN 3 TRACES (one per rank expected)"
+    groups = ("gloo on CPU (CPU rehearsal)" if device == "cpu" else
+              "gloo data groups with CUDA tensors (NCCL refuses 2 ranks on 1 GPU)")
+    return status, f"{groups}; {detail}; {len(traces)} trace file(s) in {trace_dir}: {traces}"
 
 
 def _launch(out: str, tag: str, device: str, processes: int, spec: dict, timeout_s: int, log_path: str):
@@ -356,6 +363,14 @@ def job_launch(out: str, device: str) -> tuple[str, str]:
     status, detail = _compare(reference, ref_dir, ours, our_dir, "fp32")
     backend = "gloo (CPU rehearsal)" if device == "cpu" else "NCCL"
     return status, f"{n} processes (1 attention + {n - 1} expert), data groups on {backend}; {detail}"
+
+
+def _clip_report(line: str) -> str:
+    """The start of a rank's failure line and its peer check (the part that names the dead rank)."""
+    mark = line.find("Peer check:")
+    if len(line) <= 600 or mark < 0:
+        return line[:600]
+    return line[:300] + " [...] " + line[mark:mark + 300]
 
 
 def job_killed_server(out: str, device: str) -> tuple[str, str]:
@@ -419,7 +434,7 @@ def job_killed_server(out: str, device: str) -> tuple[str, str]:
     if proc.returncode in (None, 0):
         problems.append(f"the launcher returned {proc.returncode}")
     timing = ", ".join(f"rank {r} {t:.2f} s" for r, t in sorted(exits.items()))
-    reports = " | ".join(f"{v[0][:400]}" for v in lines.values() if v)
+    reports = " | ".join(_clip_report(v[0]) for v in lines.values() if v)
     detail = (f"killed rank {victim} (expert server, SIGKILL); exits after the kill: {timing}; launcher returned "
               f"{proc.returncode}; reports: {reports}")
     if problems:
