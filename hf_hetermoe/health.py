@@ -189,18 +189,13 @@ class DeviceWork:
         return getattr(self.work, name)
 
 
-def _work_exception(work: Any) -> Any:
-    """The error an NCCL Work recorded (its watchdog sets one on a timeout or a communicator error), or None."""
-    try:
-        return work.exception()
-    except Exception as exc:  # an exception() that raises is the error itself
-        return exc
-
-
 def _wait_on_device(work: DeviceWork, what: str, rank: int) -> None:
-    """Poll `is_completed()` (completion on the device, for NCCL) within the groups' timeout; on an error or the
-    timeout abort the rank's NCCL groups and raise the named error; then `wait()`, which orders the current
-    stream after the collective (already complete: it costs nothing)."""
+    """Poll `is_completed()` (completion on the device, for NCCL) within the groups' timeout; on the timeout abort
+    the rank's NCCL groups and raise the named error; then `wait()`, which orders the current stream after the
+    collective (already complete: it costs nothing) and raises the error the Work recorded, if any.
+
+    An NCCL Work that failed (a communicator error, NCCL's own timeout) reports itself completed, and its wait()
+    raises that error (WorkNCCL::synchronize). `Work.exception()` is not used: it is deprecated in torch 2.13."""
     guard = work.device_abort
     deadline = time.monotonic() + guard.timeout_s
     pause = _POLL_FIRST_S
@@ -211,9 +206,6 @@ def _wait_on_device(work: DeviceWork, what: str, rank: int) -> None:
             done = work.is_completed()
         except RuntimeError as exc:
             _fail(work, what, rank, exc)
-        error = _work_exception(work)
-        if error is not None:
-            _fail(work, what, rank, error)
         if done:
             break
         if time.monotonic() >= deadline:

@@ -31,13 +31,16 @@ class NcclLikeWork:
 
     def is_completed(self) -> bool:
         self.polls += 1
-        return self.completes_after is not None and self.polls > self.completes_after
+        # A failed NCCL Work counts as completed (its error recorded); wait() then raises it.
+        return self.error is not None or (self.completes_after is not None and self.polls > self.completes_after)
 
     def exception(self):
-        return self.error
+        raise AssertionError("Work.exception() is deprecated in torch 2.13 and not to be used")
 
     def wait(self, *args) -> bool:
         self.waits += 1
+        if self.error is not None:
+            raise self.error
         return True
 
 
@@ -88,13 +91,25 @@ def test_a_never_completing_nccl_work_times_out_named_and_aborts_the_groups(moni
 
 def test_an_error_recorded_by_the_work_is_named_and_aborts(monitor):
     error = RuntimeError("NCCL communicator was aborted: remote process exited or there was a network error")
-    work, groups = _device_work(NcclLikeWork(completes_after_polls=0, error=error), timeout_s=5)
+    work, groups = _device_work(NcclLikeWork(completes_after_polls=None, error=error), timeout_s=5)
     with pytest.raises(RuntimeError) as info:
         health.wait(work, "the combine of layer 0 (forward)", 2)
     message = str(info.value)
     assert message.startswith("hetermoe: rank 2 failed waiting for the combine of layer 0 (forward): NCCL communicator")
     assert "Peer check:" in message
     assert info.value.__cause__ is error
+    assert [g.aborts for g in groups] == [1, 1]
+
+
+def test_a_failing_completion_check_is_named_and_aborts():
+    class Broken(NcclLikeWork):
+        def is_completed(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    work, groups = _device_work(Broken(), timeout_s=5)
+    with pytest.raises(RuntimeError, match=r"^hetermoe: rank 0 failed waiting for the combine of layer 2 "
+                       r"\(backward\): CUDA error: an illegal memory access"):
+        health.wait(work, "the combine of layer 2 (backward)", 0)
     assert [g.aborts for g in groups] == [1, 1]
 
 
