@@ -56,10 +56,6 @@ def query_gpus() -> list[Gpu]:
         return []
 
 
-def _has_cuda() -> bool:
-    return bool(query_gpus())
-
-
 def gpu_environment(config, num_processes: int, gpus: list[Gpu]) -> dict[str, str]:
     """Check a launch on `gpus` (one process per GPU; attention on local ranks 0..A-1) and return the environment
     it needs: with `attention_ranks: auto`, CUDA_VISIBLE_DEVICES ordered newest generation first, so the ranks

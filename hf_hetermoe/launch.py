@@ -78,6 +78,12 @@ def connect_store(*, rank: int, world_size: int, timeout_s: float) -> dist.Store
 
 def _device(local_rank: int) -> torch.device:
     if torch.cuda.is_available() and not _uses_cpu(os.environ):
+        count = torch.cuda.device_count()
+        if not 0 <= local_rank < count:  # else torch's "invalid device ordinal", which names neither number
+            raise ValueError(
+                f"hetermoe: this process has LOCAL_RANK {local_rank}, but {count} GPU(s) are visible: each process "
+                f"uses one GPU (local rank i uses GPU i). Start at most {count} processes per node, make more GPUs "
+                "visible (CUDA_VISIBLE_DEVICES), or run on CPU with ACCELERATE_USE_CPU=1.")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

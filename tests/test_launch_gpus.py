@@ -130,3 +130,12 @@ def test_every_rank_refuses_attention_off_local_rank_0_on_gpus(monkeypatch):
     config = HeterMoEConfig.from_dict({"attention_ranks": [2, 3]})
     with pytest.raises(ValueError, match="must be the node's first local ranks"):
         launch.run_rank(config, lambda: None)
+
+
+def test_a_rank_beyond_the_visible_gpus_is_named(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set an invalid device"))
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 2, but 2 GPU\(s\) are visible.*at most 2 processes per node"):
+        launch._device(2)
