@@ -105,7 +105,8 @@ def versions(log: Log) -> tuple[str, str]:
     nccl = "n/a"
     if torch.cuda.is_available():
         try:
-            nccl = ".".join(map(str, torch.cuda.nccl.version()))
+            found = torch.cuda.nccl.version()
+            nccl = ".".join(map(str, found)) if isinstance(found, tuple) else str(found)
         except Exception as exc:
             nccl = f"unknown ({exc})"
     log(f"  CUDA {cuda}, NCCL {nccl}, cuDNN {torch.backends.cudnn.version() if torch.cuda.is_available() else 'n/a'}")
