@@ -251,3 +251,18 @@ def test_data_backend_choice(monkeypatch):
     monkeypatch.setenv(DATA_BACKEND_ENV, "mpi")
     with pytest.raises(ValueError, match=r"HETERMOE_DATA_BACKEND='mpi' is not a data backend; use `auto`"):
         data_backend(cuda)
+
+
+def test_from_store_reads_the_data_backend_once_and_refuses_a_wrong_one_before_any_group(monkeypatch):
+    topology = HeterMoEConfig(mode="colocated").resolve_topology(1)
+    monkeypatch.setenv(DATA_BACKEND_ENV, "gloo")
+    groups = HeterMoEGroups.from_store(dist.HashStore(), rank=0, topology=topology, timeout_s=5.0,
+                                       device=torch.device("cpu"))
+    assert groups.device_abort is None and not isinstance(groups.dispatch, DeviceGroup)
+    groups.shutdown()
+    monkeypatch.setenv(DATA_BACKEND_ENV, "nccl")
+    built = []
+    monkeypatch.setattr(dist, "ProcessGroupGloo", lambda *args: built.append(args))
+    with pytest.raises(ValueError, match="HETERMOE_DATA_BACKEND=nccl needs CUDA devices"):
+        HeterMoEGroups.from_store(dist.HashStore(), rank=0, topology=topology, timeout_s=5.0, device=torch.device("cpu"))
+    assert not built
