@@ -25,13 +25,26 @@ GIL is ended by pthread_exit from inside a noexcept destructor: "terminate calle
 and 4 `gloo_tcp_loop` device threads, held by the finished script's patched model through reference cycles.)
 So shutdown drops every reference it holds, in one fixed order, and collects the finished script's reference
 cycles (patched models, exchangers, command channels) so the destructors run now, on the main thread.
+
+On GPUs the data groups (dispatch, combine, attention) are NCCL. An NCCL Work's wait() does not block the thread
+(it only makes the current stream wait), so each NCCL group is wrapped (`DeviceGroup`) and hands out its Works as
+`health.DeviceWork`, which `health.wait` polls within `timeout_s`. `abort()` is the failure path: it aborts the
+NCCL groups (ncclCommAbort), so no kernel or stream sync keeps waiting for a dead peer; idempotent. The NCCL groups
+get a longer timeout than `timeout_s` (`NCCL_TIMEOUT_MARGIN_S`) and NCCL's CleanUpOnly error handling, so that
+HeterMoE's named error, not NCCL's watchdog tearing the process down, reports a dead peer.
+
+`HETERMOE_DATA_BACKEND=gloo` (read by `data_backend`) keeps the data groups on gloo with CUDA tensors: NCCL refuses
+two ranks on one GPU, so several processes sharing one GPU (a smoke test) need it. Unset, or `auto`: NCCL on
+CUDA devices, gloo on CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import health
 from .config import Topology
 
 # An expert server can sit idle on the control group while attention ranks run evaluation-free stretches
@@ -49,6 +63,68 @@ CONTROL_TIMEOUT = datetime.timedelta(days=7)
 SHUTDOWN_ORDER = ("attention_counts", "attention", "counts", "control", "combine", "dispatch")
 
 logger = logging.getLogger("hf_hetermoe.groups")
+
+DATA_BACKEND_ENV = "HETERMOE_DATA_BACKEND"
+# NCCL's own watchdog acts on a group's timeout by tearing the process down (or at least aborting the
+# communicators); HeterMoE's wait gives up at `timeout_s` and names what it waited for, so NCCL's comes later.
+NCCL_TIMEOUT_MARGIN_S = 60.0
+_NCCL_ERROR_HANDLING_ENV = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+_NCCL_CLEAN_UP_ONLY = "2"  # abort the communicators on an error, leave the process to report it
+
+
+def data_backend(device: torch.device) -> str:
+    """The backend of the data groups (dispatch, combine, attention): NCCL on CUDA devices, gloo on CPU, or what
+    HETERMOE_DATA_BACKEND says (`gloo`, `nccl`, `auto`)."""
+    choice = os.environ.get(DATA_BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "gloo", "nccl"):
+        raise ValueError(
+            f"hetermoe: {DATA_BACKEND_ENV}={os.environ[DATA_BACKEND_ENV]!r} is not a data backend; use `auto` (NCCL "
+            "on GPUs, gloo on CPU), `gloo` (several ranks on one GPU) or `nccl`, or unset it.")
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if choice == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"hetermoe: {DATA_BACKEND_ENV}=nccl needs CUDA devices, and this rank runs on {device}; unset it (gloo "
+            "is used on CPU).")
+    return choice
+
+
+@contextlib.contextmanager
+def _nccl_error_handling() -> "contextlib.AbstractContextManager[None]":
+    """CleanUpOnly error handling for the NCCL groups built inside (it is read per group, at construction), unless
+    the user chose a mode; other groups (Accelerate's) keep torch's default."""
+    if _NCCL_ERROR_HANDLING_ENV in os.environ:
+        yield
+        return
+    os.environ[_NCCL_ERROR_HANDLING_ENV] = _NCCL_CLEAN_UP_ONLY
+    try:
+        yield
+    finally:
+        os.environ.pop(_NCCL_ERROR_HANDLING_ENV, None)
+
+
+class DeviceGroup:
+    """An NCCL group whose Works come back as `health.DeviceWork` (polled by `health.wait`, see the module
+    docstring); everything else is the group's own."""
+
+    def __init__(self, group: Any, device_abort: health.DeviceAbort):
+        self.group = group
+        self.device_abort = device_abort
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.group, name)
+        if not callable(attr) or name in ("abort", "shutdown"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = attr(*args, **kwargs)
+            return health.DeviceWork(out, self.device_abort) if isinstance(out, dist.Work) else out
+
+        return call
+
+
+def _unwrap(group: Any) -> Any:
+    return group.group if isinstance(group, DeviceGroup) else group
 
 
 @dataclass
@@ -66,6 +142,7 @@ class HeterMoEGroups:
     # Incremented each time a model is patched over these groups: the expert servers then hold that model's
     # experts, and an older patched model must not use them.
     generation: int = 0
+    device_abort: health.DeviceAbort | None = None  # shared by the NCCL groups' Works; None without NCCL groups
     closed: bool = field(default=False, init=False)
 
     @property
@@ -93,29 +170,33 @@ class HeterMoEGroups:
         """Build the groups over all `topology.world_size` ranks from a rendezvous store (the launcher path)."""
         timeout = datetime.timedelta(seconds=timeout_s)
         world = topology.world_size
+        backend = data_backend(device)
+        device_abort = health.DeviceAbort(timeout_s) if backend == "nccl" else None
 
         def make(name: str, group_rank: int, size: int, backend: str, group_timeout: datetime.timedelta):
             prefixed = dist.PrefixStore(f"hetermoe/{name}", store)
             if backend == "nccl":
                 options = dist.ProcessGroupNCCL.Options()
-                options._timeout = group_timeout
-                return dist.ProcessGroupNCCL(prefixed, group_rank, size, options)
+                options._timeout = group_timeout + datetime.timedelta(seconds=NCCL_TIMEOUT_MARGIN_S)
+                with _nccl_error_handling():
+                    group = dist.ProcessGroupNCCL(prefixed, group_rank, size, options)
+                device_abort.groups.append(group)
+                return DeviceGroup(group, device_abort)
             return dist.ProcessGroupGloo(prefixed, group_rank, size, group_timeout)
 
-        data_backend = "nccl" if device.type == "cuda" else "gloo"
-        dispatch = make("dispatch", rank, world, data_backend, timeout)
-        combine = make("combine", rank, world, data_backend, timeout)
+        dispatch = make("dispatch", rank, world, backend, timeout)
+        combine = make("combine", rank, world, backend, timeout)
         control = make("control", rank, world, "gloo", CONTROL_TIMEOUT)
         counts = make("counts", rank, world, "gloo", timeout)
         attention = attention_counts = None
         if topology.is_attention(rank) and topology.num_attention > 1:
             index, num = topology.attention_index(rank), topology.num_attention
-            attention = make("attention", index, num, data_backend, timeout)
+            attention = make("attention", index, num, backend, timeout)
             attention_counts = make("attention_counts", index, num, "gloo", timeout)
         return cls(
             rank=rank, topology=topology, dispatch=dispatch, combine=combine, control=control,
             attention=attention, counts=counts, attention_counts=attention_counts, device=device,
-            timeout_s=timeout_s,
+            timeout_s=timeout_s, device_abort=device_abort,
         )
 
     @classmethod
@@ -126,20 +207,31 @@ class HeterMoEGroups:
         """
         assert topology.mode == "colocated" and topology.world_size == dist.get_world_size()
         timeout = datetime.timedelta(seconds=timeout_s)
-        data_backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = data_backend(device)
+        device_abort = health.DeviceAbort(timeout_s) if backend == "nccl" else None
+
+        def data_group() -> Any:
+            if backend != "nccl":
+                return dist.new_group(backend=backend, timeout=timeout)
+            with _nccl_error_handling():
+                group = dist.new_group(backend=backend, timeout=timeout + datetime.timedelta(
+                    seconds=NCCL_TIMEOUT_MARGIN_S))
+            device_abort.groups.append(group)
+            return DeviceGroup(group, device_abort)
+
         # new_group is collective: every rank calls these in the same order (each builds the same Trainer).
-        dispatch = dist.new_group(backend=data_backend, timeout=timeout)
-        combine = dist.new_group(backend=data_backend, timeout=timeout)
+        dispatch = data_group()
+        combine = data_group()
         control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         counts = dist.new_group(backend="gloo", timeout=timeout)
         attention = attention_counts = None
         if topology.world_size > 1:
-            attention = dist.new_group(backend=data_backend, timeout=timeout)
+            attention = data_group()
             attention_counts = dist.new_group(backend="gloo", timeout=timeout)
         return cls(
             rank=dist.get_rank(), topology=topology, dispatch=dispatch, combine=combine, control=control,
             attention=attention, counts=counts, attention_counts=attention_counts, device=device,
-            timeout_s=timeout_s,
+            timeout_s=timeout_s, device_abort=device_abort,
         )
 
     @classmethod
@@ -156,6 +248,19 @@ class HeterMoEGroups:
             counts=make(), attention_counts=None, device=device, timeout_s=timeout_s,
         )
 
+    # ---- abort (the failure path) ---------------------------------------------------------------------
+    def abort(self, reason: str = "the rank failed") -> bool:
+        """Abort this rank's NCCL groups (ncclCommAbort): a collective still queued on a dead or stuck peer stops,
+        and every wait on these groups fails at once, named, instead of hanging in a stream sync. Idempotent
+        (False when already aborted, or without NCCL groups); bounded in time. Gloo groups are left alone: their
+        waits raise by themselves, and the control group must still carry the leader's ABORT to the servers.
+        After it the groups are unusable; `shutdown()` then releases nothing more (the rank is exiting)."""
+        if self.device_abort is None:
+            return False
+        aborted = self.device_abort.abort(reason)
+        self.closed = True  # destroying an aborted communicator is not needed, and may block
+        return aborted
+
     # ---- shutdown -------------------------------------------------------------------------------------
     def shutdown(self) -> list[str]:
         """Release every group of this rank, in `SHUTDOWN_ORDER` on every rank; idempotent.
@@ -167,6 +272,8 @@ class HeterMoEGroups:
         if self.closed:
             return []
         self.closed = True
+        if self.device_abort is not None and self.device_abort.reason is not None:
+            return []  # aborted (a wait failed): the rank is exiting, and its communicators are gone
         watched: list[tuple[str, weakref.ref]] = []
         for name in SHUTDOWN_ORDER:
             group = getattr(self, name)
@@ -174,11 +281,14 @@ class HeterMoEGroups:
                 continue
             setattr(self, name, None)
             _shut(group)
+            group = _unwrap(group)
             try:
                 watched.append((name, weakref.ref(group)))
             except TypeError:  # a group type without weak references: nothing to check
                 pass
             del group
+        if self.device_abort is not None:
+            self.device_abort.groups.clear()  # its references to the NCCL groups were the last ones here
         gc.collect()  # the finished script's cycles (model <-> engine <-> channel) hold the groups too
         alive = [name for name, ref in watched if ref() is not None]
         if alive:
@@ -191,6 +301,7 @@ def _shut(group: Any) -> None:
     else directly (NCCL frees its communicators here; gloo's is a no-op and its destructor does the work)."""
     import torch.distributed.distributed_c10d as c10d
 
+    group = _unwrap(group)
     if dist.is_initialized() and group in c10d._world.pg_map:
         dist.destroy_process_group(group)
         return

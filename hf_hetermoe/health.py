@@ -106,12 +106,126 @@ def blocking_call(frames: list[traceback.FrameSummary]) -> str | None:
 
 
 def wait(work: Any, what: str, rank: int) -> None:
-    """Wait for a collective's Work; if it fails, raise an error naming the operation and the peers that stopped."""
+    """Wait for a collective's Work; if it fails, raise an error naming the operation and the peers that stopped.
+
+    A gloo Work's wait() blocks the thread and raises when the collective fails or times out. An NCCL Work's
+    wait() only makes the current CUDA stream wait and returns at once, so a dead peer would surface later as an
+    unnamed stream sync that hangs until NCCL's watchdog: such Works arrive here as `DeviceWork` (groups.py wraps
+    every NCCL group) and are polled instead (`_wait_on_device`)."""
     with waiting(what):
+        if isinstance(work, DeviceWork):
+            _wait_on_device(work, what, rank)
+            return
         try:
             work.wait()
         except RuntimeError as exc:
-            raise RuntimeError(f"hetermoe: rank {rank} failed waiting for {what}: {exc}{peer_report()}") from exc
+            raise _named(rank, what, exc) from exc
+
+
+def _named(rank: int, what: str, cause: BaseException | str) -> RuntimeError:
+    return RuntimeError(f"hetermoe: rank {rank} failed waiting for {what}: {cause}{peer_report()}")
+
+
+# ---- Works that complete on the device (NCCL) ---------------------------------------------------------------
+_POLL_FIRST_S = 50e-6  # the first pause between polls; doubles up to _POLL_MAX_S
+_POLL_MAX_S = 1e-3  # a long wait (a server computing) costs at most this much latency per exchange
+_ABORT_JOIN_S = 10.0  # ncclCommAbort can itself hang on a broken fabric; the error must come out regardless
+
+
+class DeviceAbort:
+    """What the Works of one rank's NCCL groups share: the data-path timeout, and the abort of those groups.
+
+    `abort(reason)` aborts `groups` once (later calls return at once): every Work waiting on a device group
+    then fails too, naming the first reason, instead of polling a communicator that no longer exists."""
+
+    def __init__(self, timeout_s: float, groups: list[Any] | None = None):
+        self.timeout_s = timeout_s
+        self.groups: list[Any] = list(groups or [])  # the NCCL groups (anything with abort())
+        self.reason: str | None = None
+        self._lock = threading.Lock()
+
+    def _abort_groups(self) -> None:
+        for group in list(self.groups):
+            try:
+                group.abort()
+            except Exception:  # abort the others regardless
+                pass
+
+    def abort(self, reason: str) -> bool:
+        """Abort the groups (bounded in time); False if they were already aborted."""
+        with self._lock:
+            if self.reason is not None:
+                return False
+            self.reason = reason
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self._abort_groups()
+            except Exception:  # aborting is best effort: the named error is what matters
+                pass
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="hetermoe-abort", daemon=True).start()
+        done.wait(_ABORT_JOIN_S)
+        return True
+
+
+class DeviceWork:
+    """A Work of an NCCL group (see `wait`): the Work itself, and the rank's `DeviceAbort`."""
+
+    def __init__(self, work: Any, device_abort: DeviceAbort):
+        self.work = work
+        self.device_abort = device_abort
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self, *args: Any) -> Any:
+        return self.work.wait(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.work, name)
+
+
+def _wait_on_device(work: DeviceWork, what: str, rank: int) -> None:
+    """Poll `is_completed()` (completion on the device, for NCCL) within the groups' timeout; on the timeout abort
+    the rank's NCCL groups and raise the named error; then `wait()`, which orders the current stream after the
+    collective (already complete: it costs nothing) and raises the error the Work recorded, if any.
+
+    An NCCL Work that failed (a communicator error, NCCL's own timeout) reports itself completed, and its wait()
+    raises that error (WorkNCCL::synchronize). `Work.exception()` is not used: it is deprecated in torch 2.13."""
+    guard = work.device_abort
+    deadline = time.monotonic() + guard.timeout_s
+    pause = _POLL_FIRST_S
+    while True:
+        if guard.reason is not None:
+            raise _named(rank, what, f"the HeterMoE NCCL groups were aborted ({guard.reason})")
+        try:
+            done = work.is_completed()
+        except RuntimeError as exc:
+            _fail(work, what, rank, exc)
+        if done:
+            break
+        if time.monotonic() >= deadline:
+            _fail(work, what, rank, f"not complete on the device after {guard.timeout_s:g} s (timeout_s); a peer "
+                  "that stopped never enters the collective")
+        time.sleep(pause)
+        pause = min(2 * pause, _POLL_MAX_S)
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        _fail(work, what, rank, exc)
+
+
+def _fail(work: DeviceWork, what: str, rank: int, cause: BaseException | str) -> None:
+    """Abort the NCCL groups (a collective left queued would block the next stream sync forever), then raise."""
+    work.device_abort.abort(f"rank {rank} failed waiting for {what}")
+    error = _named(rank, what, cause)
+    if isinstance(cause, BaseException):
+        raise error from cause
+    raise error
 
 
 def peer_report() -> str:

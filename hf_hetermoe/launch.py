@@ -11,7 +11,8 @@ Started by `accelerate launch` / torchrun (or `hetermoe launch`, which fills in 
 5. every rank then shuts down in one order (`run_rank`): the attention world's default group, the HeterMoE
    groups, the health monitor's threads, the store connections, so nothing native is left running when the
    interpreter finalizes (where a thread that needs the GIL aborts the process: "terminate called without an
-   active exception"). A failed rank skips the group teardown and leaves through `_exit_now`.
+   active exception"). A failed rank skips the group teardown: it aborts its NCCL groups (`HeterMoEGroups.abort`)
+   and leaves through `_exit_now`.
 """
 
 from __future__ import annotations
@@ -76,10 +77,45 @@ def connect_store(*, rank: int, world_size: int, timeout_s: float) -> dist.Store
 
 
 def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+    if torch.cuda.is_available() and not _uses_cpu(os.environ):
+        count = torch.cuda.device_count()
+        if not 0 <= local_rank < count:  # else torch's "invalid device ordinal", which names neither number
+            raise ValueError(
+                f"hetermoe: this process has LOCAL_RANK {local_rank}, but {count} GPU(s) are visible: each process "
+                f"uses one GPU (local rank i uses GPU i). Start at most {count} processes per node, make more GPUs "
+                "visible (CUDA_VISIBLE_DEVICES), or run on CPU with ACCELERATE_USE_CPU=1.")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _uses_cpu(environ: "os._Environ[str] | dict[str, str]") -> bool:
+    return environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def check_attention_ranks_first(topology: Topology, local_world_size: int) -> None:
+    """On GPUs, the attention ranks of every node must be its first local ranks (0..k-1).
+
+    There LOCAL_RANK stays the device index (Accelerate selects the GPU with it), so Accelerate's local main
+    process (local rank 0: data set preprocessing first, logging) is an attention rank only if local rank 0 is
+    one; otherwise no process of the node is its local main. Raises ValueError with the fix, before any group."""
+    if topology.mode != "disaggregated" or local_world_size < 1:
+        return
+    for node in range(-(-topology.world_size // local_world_size)):
+        first = node * local_world_size
+        local = sorted(r - first for r in topology.attention_ranks if first <= r < first + local_world_size)
+        if local and local != list(range(len(local))):
+            size = min(local_world_size, topology.world_size - first)
+            order = local + [i for i in range(size) if i not in local]
+            wanted = [first + i for i in range(len(local))]
+            raise ValueError(
+                f"hetermoe config: `attention_ranks` {list(topology.attention_ranks)} puts the attention ranks of node "
+                f"{node} on its local ranks {local}, but on GPUs they must be the node's first local ranks: "
+                "Accelerate's local main process (local rank 0, which preprocesses data sets first and logs) must "
+                f"run the script. List `attention_ranks` as {wanted} on this node and order its GPUs attention first "
+                f"(CUDA_VISIBLE_DEVICES={','.join(map(str, order))}, in the node's current numbering), or use "
+                "`attention_ranks: auto` with `hetermoe launch`, which orders the GPUs newest first."
+            )
 
 
 def _device_capabilities(store: dist.Store, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int]]:
@@ -191,6 +227,8 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
     else:
         topology = config.resolve_topology(world_size)  # ValueError here, before any group waits
         store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
+    if device.type == "cuda":  # every rank resolved the same topology: all fail alike, before any group waits
+        check_attention_ranks_first(topology, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     monitor = _start_health(topology, rank, config.timeout_s)
     failed = True
     try:
@@ -233,8 +271,11 @@ def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store:
     finally:
         # A failed rank skips this: a gloo destructor waits for collectives still queued, which with a dead peer
         # takes the group's timeout; main() ends a failed rank with os._exit, which runs no destructor at all.
+        # Its NCCL groups are aborted instead (a no-op on gloo): kernels queued on a dead peer stop now.
         if succeeded:
             shutdown_rank(groups)
+        else:
+            groups.abort(f"rank {rank} failed")
 
 
 def shutdown_rank(groups: HeterMoEGroups) -> None:
