@@ -205,10 +205,6 @@ class HeterMoEEngine:
         self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session))
         return self.transport.dispatch_backward(key, plan, dy_PH, reuse_buffers=reuse_buffers)
 
-    def holds_layer(self, layer: int) -> bool:
-        """Asym-EA: this attention rank holds some experts of `layer`."""
-        return self.shard is not None and layer in self.shard.local
-
     def finish_layer(self, layer: int) -> None:
         """After the last stripe's exchange of `layer` was issued (forward or backward): run the experts held
         here (Asym-EA, colocated) for every stripe and exchange their results among the attention ranks."""
@@ -217,11 +213,3 @@ class HeterMoEEngine:
     # ---- gradients: ExpertState owns them; zebra's backward starts the per-layer all-reduces ---------------
     def reduce_gradients_async(self, params: list[torch.nn.Parameter]) -> None:
         self.state.reduce_gradients_async(params)
-
-    # ---- lifetime ---------------------------------------------------------------------------------------------
-    def stop_servers(self) -> None:
-        self.command(cmds.Stop())
-
-    def abort_servers(self, reason: str) -> None:
-        self.command(cmds.Abort(reason=reason))
-

@@ -59,7 +59,7 @@ from .config import Topology
 # (tokenising a data set, writing a checkpoint). A dead peer is still reported at once by the socket.
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
 
-# Reverse order of construction, the same on every rank: attention (attention ranks only), control, combine, dispatch.
+# Reverse order of construction, the same on every rank (the attention groups exist on attention ranks only).
 SHUTDOWN_ORDER = ("attention_counts", "attention", "counts", "control", "combine", "dispatch")
 
 logger = logging.getLogger("hf_hetermoe.groups")

@@ -239,7 +239,6 @@ class TokenTransport:
         self.groups = groups
         self.rank = groups.rank
         self.world = groups.world_size
-        self.is_attention = groups.is_attention
         self.splits = SplitArithmetic(placement=placement, world=self.world,
                                       attention_ranks=tuple(topology.attention_ranks),
                                       servers=tuple(topology.expert_ranks))
@@ -349,11 +348,9 @@ class TokenTransport:
                 result = held.rows  # nothing of this layer held here: empty
             else:
                 wait(*held.work, self.rank)
-                if held.direction == "F":
-                    result = shard.forward(key, held.rows, plan.recv_local_expert_R, keep=held.keep,
-                                           autocast_dtype=held.autocast, seq_len=held.seq_len)
-                else:
-                    result = shard.backward(key, held.rows)
+                result = (shard.forward(key, held.rows, plan.recv_local_expert_R, keep=held.keep,
+                                        autocast_dtype=held.autocast, seq_len=held.seq_len)
+                          if held.direction == "F" else shard.backward(key, held.rows))
             result = result.to(plan.row_dtype).contiguous()
             from_attention = [plan.send_splits[a] for a in attention]
             buffer = self._buffer(key, held.direction, "attention", sum(from_attention), plan.row_dtype, held.reuse)
