@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import MixtralForCausalLM, PreTrainedTokenizerFast
+from transformers import MixtralForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
 from tests._jobs import tiny_mixtral_config
 
@@ -64,6 +64,17 @@ def lora_config(spec: dict):
     return LoraConfig(**kwargs)
 
 
+class _PrepareAtInit(TrainerCallback):
+    """What HeterMoECallback used to do: prepare the model with the Trainer's Accelerator (autocast, no DDP) as the
+    Trainer's __init__ ends, before SFTTrainer replaces `forward` with its fused LM head. The regression test runs
+    it to show that the golden comparison catches the dropped autocast."""
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        from hf_hetermoe.integrations.trainer import _find_trainer
+
+        _find_trainer(self).accelerator.prepare_model(model, evaluation_mode=True)
+
+
 def sft(spec: dict) -> dict | None:
     """Train with TRL's SFTTrainer as `spec` says; returns losses, logs and a few facts on (attention) rank 0."""
     from trl import SFTConfig, SFTTrainer
@@ -91,7 +102,8 @@ def sft(spec: dict) -> dict | None:
         weight_decay=0.01,
         max_grad_norm=0.5,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if spec.get("save_steps") else "no",
+        save_steps=spec.get("save_steps") or 500,
         report_to=report_to,
         use_cpu=True,
         seed=0,
@@ -108,6 +120,8 @@ def sft(spec: dict) -> dict | None:
         from hf_hetermoe import HeterMoECallback, HeterMoEConfig
 
         callbacks.append(HeterMoECallback(HeterMoEConfig(mode="colocated")))
+    if spec.get("prepare_at_init"):
+        callbacks.append(_PrepareAtInit())
     peft_config = lora_config(spec) if spec.get("lora") else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(), processing_class=tiny_tokenizer(),
                          peft_config=peft_config, callbacks=callbacks)
@@ -133,20 +147,24 @@ def sft(spec: dict) -> dict | None:
     return result
 
 
-def sft_under_launcher(hetermoe_config: dict, spec: dict) -> dict | None:
-    """One process of a HeterMoE job: attention ranks run `sft(spec)`, expert ranks serve. Returns, on expert ranks,
-    what their shard looked like at the end (trainable tensors, optimizer state) so tests can check frozen experts
-    on every rank."""
+def sft_each(specs: list[dict]) -> list[dict | None]:
+    """Several SFT runs in one process (stock, or colocated with the callback in the spec)."""
+    return [sft(spec) for spec in specs]
+
+
+def sft_each_under_launcher(hetermoe_config: dict, specs: list[dict]) -> list[dict | None]:
+    """One process of a HeterMoE job: attention ranks run each SFT spec in turn (the launcher gives every Trainer
+    its callback; the expert servers serve each model in turn), expert ranks serve."""
     from hf_hetermoe.config import HeterMoEConfig
     from hf_hetermoe.launch import run_rank
 
-    result: dict[str, Any] = {}
+    results: list[Any] = []
 
     def attention_main() -> None:
-        result["value"] = sft(spec)
+        results.extend(sft(spec) for spec in specs)
 
     run_rank(HeterMoEConfig.from_dict(hetermoe_config), attention_main)
-    return result.get("value")
+    return results
 
 
 def output_dir(base, name: str) -> str:
