@@ -154,7 +154,8 @@ def install_trainer_overrides(
         original_load_optim(checkpoint)
         if checkpoint is not None:
             setup_expert_optimizer(trainer.optimizer)
-            load_expert_optimizer(state, checkpoint)
+            if not state.frozen:  # frozen experts have no optimizer state to restore
+                load_expert_optimizer(state, checkpoint)
 
     trainer._clip_grad_norm = clip_grad_norm
     trainer._get_grad_norm = get_grad_norm
