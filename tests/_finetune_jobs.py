@@ -1,13 +1,12 @@
 """Fine-tuning jobs the fine-tuning tests run (module level, so `spawn` can import them): TRL's SFTTrainer, full or
 with a PEFT LoRA adapter, or with the routed experts frozen, on a tiny Mixtral and a tiny tokenizer built here
-(nothing from the Hub). One job, three ways to run it, as in tests/_jobs.py: stock (one process), under the
-HeterMoE launcher (`sft_under_launcher`, attention + expert ranks), or with the callback added by hand
+(nothing from the Hub). One job, three ways to run it, as in tests/_jobs.py: stock (one process or DDP), under the
+HeterMoE launcher (`sft_each_under_launcher`, attention + expert ranks), or with the callback added by hand
 (colocated).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -165,9 +164,3 @@ def sft_each_under_launcher(hetermoe_config: dict, specs: list[dict]) -> list[di
 
     run_rank(HeterMoEConfig.from_dict(hetermoe_config), attention_main)
     return results
-
-
-def output_dir(base, name: str) -> str:
-    path = os.path.join(str(base), name)
-    os.makedirs(path, exist_ok=True)
-    return path
