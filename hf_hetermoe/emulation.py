@@ -18,7 +18,7 @@ logged under emulation says so.
 With `link_gbps`, every exchange also takes its modelled link time, with the planner's link model
 (planner/cluster.py: the bandwidth at its efficiency, plus a fixed latency per collective): a receiver's
 rows are usable only at (the latest sender's send time) + latency + max(bytes it receives, bytes any sender
-sends) / bandwidth; a dispatch also starts no earlier than every expert server is free to join it. Senders publish (send time, bytes) per (kind, direction, layer, stripe) in a small shared
+sends) / bandwidth. Senders publish (send time, bytes) per (kind, direction, layer, stripe) in a small shared
 table (`LinkBoard`, a file under /dev/shm: emulation runs every rank on one host, and `perf_counter` is the
 same monotonic clock in every process); receivers pad up to that time. Sending never blocks the sender.
 """
@@ -159,14 +159,10 @@ class DeviceEmulator:
 
     def link_ready(self, kind: str, direction: str, layer: int, stripe: int, received_bytes: float) -> float:
         """When rows sent under `kind` ("issue": attention -> holders, "send": holders -> attention) for this key
-        are usable by a receiver of `received_bytes`, on the host clock. Rows to holders also wait for every
-        expert server to be free ("free"): the exchange is one collective that each server joins only after
-        its previous task, so servers move in step, as at run time."""
+        are usable by a receiver of `received_bytes`, on the host clock."""
         sent, most = self.board.latest(kind, direction, layer, stripe)
         if sent <= 0:
             return 0.0
-        if kind == "issue":
-            sent = max(sent, self.board.latest("free", direction, layer, stripe)[0])
         return sent + self.latency_s + max(received_bytes, most) / self.link_bytes_per_s
 
     def _scale(self, real_seq_len: int) -> float:
@@ -210,7 +206,7 @@ class LinkBoard:
     read after the exchange it describes arrived, which its sender cannot repeat before the reader answered,
     so an entry is never overwritten before it is read."""
 
-    KINDS, DIRECTIONS, LAYERS, STRIPES = ("issue", "send", "free"), ("F", "B"), 128, 64
+    KINDS, DIRECTIONS, LAYERS, STRIPES = ("issue", "send"), ("F", "B"), 128, 64
 
     def __init__(self, world: int, rank: int):
         name = f"hetermoe-link-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"

@@ -104,11 +104,9 @@ class Instruments(DataPathObserver):
         self._sent_bytes: dict[tuple[int, int], float] = {}  # (layer, stripe) -> bytes this rank dispatched
         self._results_ready: dict[tuple[int, int], float] = {}  # (layer, stripe) -> when its results arrived
         self._busy_until = 0.0  # modelled end of this rank's last compute task
-        self._attention_side = False  # set by the first attention task: expert servers never run one
 
     def attention_done(self, direction: str, layer: int, stripe: int, start: float, *, num_seqs: int) -> float:
         """Pad to the modelled attention time of `num_seqs` sequences, record, return the end time."""
-        self._attention_side = True
         if self.emulator is not None:
             if self.link is not None:
                 start = self._modelled_start(direction, layer, stripe, start)
@@ -166,8 +164,6 @@ class Instruments(DataPathObserver):
                      seq_len: int) -> None:
         if self.emulator is not None:
             if self.link is not None:  # the rows could not be used before they arrived, nor before the last task ended
-                if not self._attention_side:  # an expert server joins this exchange once its last task ended
-                    self.link.board.publish("free", direction, layer, stripe, self.rank, self._busy_until, 0.0)
                 received = self.link.row_bytes(sum(rows_per_expert), seq_len)
                 ready = self._arrival("issue", direction, layer, stripe, received, start)
                 start = ready if ready > start else min(start, max(ready, self._busy_until))
