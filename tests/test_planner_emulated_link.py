@@ -47,3 +47,12 @@ def test_emulated_link_time_matches_the_simulators_and_routing_is_logged(tmp_pat
     predicted = _predicted(25, routing) - _predicted(1e6, routing)
     assert predicted > 0.1  # the link is a visible part of the iteration
     assert 0.7 * predicted < measured < 1.3 * predicted, (measured, predicted)
+
+
+@pytest.mark.parametrize("value", [0, -1, "fast", True, 2e6])
+def test_a_bad_link_speed_is_a_clear_value_error(value):
+    from hf_hetermoe.emulation import EmulationConfig
+
+    with pytest.raises(ValueError, match="link_gbps"):
+        EmulationConfig.from_dict({"devices": ["A40", "V100"], "link_gbps": value})
+    assert EmulationConfig.from_dict({"devices": ["A40", "V100"], "link_gbps": 100}).to_dict()["link_gbps"] == 100
