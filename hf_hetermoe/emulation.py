@@ -20,7 +20,9 @@ With `link_gbps`, every exchange also takes its modelled link time, with the pla
 rows are usable only at (the latest sender's send time) + latency + max(bytes it receives, bytes any sender
 sends) / bandwidth. Senders publish (send time, bytes) per (kind, direction, layer, stripe) in a small shared
 table (`LinkBoard`, a file under /dev/shm: emulation runs every rank on one host, and `perf_counter` is the
-same monotonic clock in every process); receivers pad up to that time. Sending never blocks the sender.
+same monotonic clock in every process; 1 MB, removed when the first rank exits through `atexit`, so
+processes that skip `atexit`, such as multiprocessing children, leave it behind); receivers pad up to that
+time. Sending never blocks the sender.
 """
 
 from __future__ import annotations
