@@ -1,7 +1,8 @@
 """Training script for benchmarks/zebra_emulated.py, run under `hetermoe launch`: one Trainer per run.
 
 Each run trains the same tiny Mixtral-shaped model on the same random tokens with its own HeterMoE config
-(schedule and device emulation) and records when each optimizer step ended. Rank 0 writes the results JSON.
+(schedule and device emulation) and records when each optimizer step ended, and its routing log under the run's
+`routing_log` folder. Rank 0 writes the results JSON.
 """
 
 import json
@@ -37,6 +38,8 @@ def run_one(run: dict, base: dict) -> dict:
         use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
     )
     steps = StepTimes()
+    if run.get("routing_log"):  # this run's routed pairs per expert, for the planner's prediction
+        os.environ["HETERMOE_ROUTING_LOG"] = run["routing_log"]
     config = dict(run["hetermoe"])
     if isinstance(config.get("asym_ea"), dict):  # JSON made the layer keys strings
         config["asym_ea"] = {int(layer): count for layer, count in config["asym_ea"].items()}

@@ -1,20 +1,21 @@
-"""Zebra parallelism under device emulation: EP vs DistEP vs ZP on the same 4 CPU processes.
+"""Zebra parallelism under device emulation: EP, DistEP, ZP and ZP+Asym-EA at 4K-32K, measured against the planner.
 
-    python benchmarks/zebra_emulated.py [--seq-len auto|N] [--steps 6] [--batch 8]
+    python benchmarks/zebra_emulated.py [--lengths 4096,8192,16384,32768] [--steps 5] [--tokens 131072]
 
-4 processes emulate 2 A40 (attention ranks) + 2 V100 (expert ranks) training a tiny Mixtral-shaped model
-(8 layers, 24 experts, top-2: the paper's D1 layout) whose every compute task takes the time the planner's
-device profiles give for the D1 shape at the emulated sequence length (hf_hetermoe/emulation.py). Numbers
-stay exact; what is measured is the schedule. Runs, side by side:
-  EP      colocated: all 4 emulated GPUs run attention and hold 6 experts each (global batch split 4 ways)
-  DistEP  disaggregated, R = 1
-  ZP      disaggregated, R = 2 and R = 4
-  ZP+Asym-EA, and ZP beside it, at a short length where expert time exceeds attention (8K by default), with
-  the experts moved per layer by Algorithm 1 (the planner's `asym_offloads`) on the same profiles
-Printed: iteration time, emulated tokens/s, each pool's busy fraction, the ratios ZP/DistEP, ZP/EP and
-ZP+Asym-EA/ZP, and for every disaggregated run the simulator's prediction for the same profiles (compute only:
-the link is set very fast, as emulation pads compute and not communication; no activation checkpointing).
-Every figure is EMULATED: a model of A40/V100 timings, not a measurement on those GPUs.
+4 processes emulate 2 A40 (attention ranks) + 2 V100 (expert ranks), 100 Gbps each, training a tiny
+Mixtral-shaped model (8 layers, 24 experts, top-2: the paper's D1 layout) whose every compute task takes the
+time the planner's device profiles give for the D1 shape at the emulated sequence length, and whose every
+exchange takes its modelled link time (hf_hetermoe/emulation.py). Numbers stay exact; what is measured is the
+schedule. At every length (the same tokens per attention rank at every length: `--tokens`), side by side:
+  EP          colocated: all 4 emulated GPUs run attention and hold 6 experts each
+  DistEP      disaggregated, R = 1
+  ZP          disaggregated, R = the planner's best for this setup (2..4)
+  ZP+Asym-EA  the same R with the experts Algorithm 1 moves (not run where it moves none: then it is ZP)
+Each run logs its routing (HETERMOE_ROUTING_LOG), and the simulator predicts it with that routing, the same
+link and the schedule the runtime runs (batched head; no activation checkpointing, as the tiny model trains).
+The table gives every run's measured / predicted iteration; the last line is the largest |measured/predicted
+- 1| over the disaggregated runs. Every figure is EMULATED: a model of A40/V100 timings, not a measurement on
+those GPUs.
 """
 
 from __future__ import annotations
@@ -29,49 +30,40 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICES = ["A40", "A40", "V100", "V100"]
+LINK_GBPS = 100
 MODEL = {  # tiny, D1-shaped (D1: hidden 1024, 8 layers, 24 experts top-2, vocab 32000)
     "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 8,
     "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 24, "num_experts_per_tok": 2,
     "max_position_embeddings": 256, "output_router_logits": True, "tie_word_embeddings": False,
 }
 REAL_SEQ_LEN = 32
+MAX_R = 4
 
 
-def balanced_seq_len(batch: int, stripes: int = 2) -> int:
-    """The emulated length where one stripe's attention (A40) and its experts (one V100) take about as long."""
-    from hf_hetermoe.planner.presets import resolve_model
-    from hf_hetermoe.planner.profiles import builtin_profile
-
-    shape, a40, v100 = resolve_model("D1"), builtin_profile("A40"), builtin_profile("V100")
-    best, best_gap = 4096, float("inf")
-    for seq in range(2048, 65537, 1024):
-        seqs = batch // stripes
-        attention = a40.attention_s(shape, num_seqs=seqs, seq_len=seq)[0]
-        # each V100 holds 12 of 24 experts and gets this stripe's rows from both attention ranks
-        tokens_per_expert = 2 * seqs * seq * shape.top_k / shape.num_experts
-        experts = 12 * v100.expert_s(shape, num_tokens=tokens_per_expert)[0]
-        gap = abs(attention / experts - 1)
-        if gap < best_gap:
-            best, best_gap = seq, gap
-    return best
-
-
-def simulator_setup(seq_len: int, global_seqs: int):
+def simulator_setup(seq_len: int, global_seqs: int, routing=None):
     from hf_hetermoe.planner.cluster import parse_cluster
     from hf_hetermoe.planner.presets import resolve_model
+    from hf_hetermoe.planner.routing import UNIFORM
     from hf_hetermoe.planner.workload import Setup
 
-    cluster = parse_cluster("2xA40,2xV100", link_gbps=1e6)
+    cluster = parse_cluster("2xA40,2xV100", link_gbps=LINK_GBPS)
     return Setup(cluster=cluster, shape=resolve_model("D1"), seq_len=seq_len, global_batch=global_seqs,
-                 checkpointing=False)
+                 checkpointing=False, routing=routing or UNIFORM)
 
 
-def predicted_s(seq_len: int, global_seqs: int, r: int, offloads: list[int] | None = None, *,
-                batched_head: bool = True) -> float:
-    """The simulator's iteration time; `batched_head` as the runtime does it (False: exact Theorem 1)."""
-    from hf_hetermoe.planner.strategies import simulate_zebra
+def predicted_s(setup, strategy: str, r: int, offloads: list[int] | None = None, *, batched_head: bool = True) -> float:
+    """The simulator's iteration time for what the runtime runs (`batched_head=False`: exact Theorem 1)."""
+    from hf_hetermoe.planner.strategies import run_ep, simulate_zebra
 
-    return simulate_zebra(simulator_setup(seq_len, global_seqs), r, offloads, batched_head=batched_head).makespan
+    if strategy == "EP":
+        return run_ep(setup).iteration_s
+    return simulate_zebra(setup, r, offloads, batched_head=batched_head).makespan
+
+
+def best_r(seq_len: int, global_seqs: int) -> int:
+    setup = simulator_setup(seq_len, global_seqs)
+    choices = range(2, min(MAX_R, setup.seqs_per_attention_gpu) + 1)
+    return min(choices, key=lambda r: predicted_s(setup, "ZP", r))
 
 
 def algorithm1_offloads(seq_len: int, global_seqs: int, r: int) -> list[int]:
@@ -113,78 +105,96 @@ def launch(config: dict, runs: list[dict], base: dict, workdir: str, name: str) 
         return json.load(fh)
 
 
-def summarise(result: dict, global_seqs: int, seq_len: int) -> dict:
+def summarise(result: dict) -> dict:
     ends = result["step_ends"]
     steps = [b - a for a, b in zip(ends[1:], ends[2:])] or [ends[-1] - ends[0]]  # skip the first (warm-up)
-    iteration = statistics.mean(steps)
     logs = [h for h in result["log_history"] if "hetermoe_attention_busy" in h][2:]
     mean = lambda key: statistics.mean(h[key] for h in logs if key in h) if any(key in h for h in logs) else None  # noqa: E731
-    return {
-        "iteration_s": iteration,
-        "tokens_per_s": global_seqs * seq_len / iteration,
-        "attention_busy": mean("hetermoe_attention_busy"),
-        "expert_busy": mean("hetermoe_expert_busy") if mean("hetermoe_expert_busy") is not None
-        else mean("hetermoe_expert_busy_here"),
-    }
+    expert = mean("hetermoe_expert_busy")
+    return {"iteration_s": statistics.mean(steps), "attention_busy": mean("hetermoe_attention_busy"),
+            "expert_busy": expert if expert is not None else mean("hetermoe_expert_busy_here")}
+
+
+def plan_runs(lengths: list[int], tokens: int) -> list[dict]:
+    """Every run: name, strategy, length, sequences per attention rank, R, Asym-EA offloads."""
+    runs = []
+    for length in lengths:
+        seqs = max(tokens // length, 1)
+        r = best_r(length, 2 * seqs) if seqs >= 2 else 1
+        offloads = algorithm1_offloads(length, 2 * seqs, r)
+        common = {"length": length, "seqs": seqs}
+        runs += [dict(common, strategy="EP", r=1, offloads=None), dict(common, strategy="DistEP", r=1, offloads=None),
+                 dict(common, strategy="ZP", r=r, offloads=None)]
+        if any(offloads):
+            runs.append(dict(common, strategy="ZP+Asym-EA", r=r, offloads=offloads))
+    for run in runs:
+        run["name"] = f"{run['strategy']} @{run['length']}"
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", default="auto", help="emulated tokens per sequence, or auto (balanced)")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--batch", type=int, default=8, help="sequences per attention rank per step")
-    parser.add_argument("--short-seq-len", type=int, default=8192, help="emulated length for ZP vs ZP+Asym-EA")
-    parser.add_argument("--short-batch", type=int, default=32,
-                        help="sequences per attention rank at the short length (long tasks keep this host's "
-                             "per-exchange overhead small against the emulated times)")
+    parser.add_argument("--lengths", default="4096,8192,16384,32768", help="emulated tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run (the first is not timed)")
+    parser.add_argument("--tokens", type=int, default=131072,
+                        help="emulated tokens per attention rank per step (sequences = tokens / length)")
     ns = parser.parse_args(argv)
-    seq_len = balanced_seq_len(ns.batch) if ns.seq_len == "auto" else int(ns.seq_len)
-    short = ns.short_seq_len
-    global_seqs = 2 * ns.batch
-    emulation = {"devices": DEVICES, "model": "D1", "seq_len": seq_len}
-    short_seqs = 2 * ns.short_batch
-    offloads = algorithm1_offloads(short, short_seqs, 2)
-    asym = {layer: o for layer, o in enumerate(offloads) if o} or "off"
+    lengths = [int(x) for x in ns.lengths.split(",")]
+    runs = plan_runs(lengths, ns.tokens)
+    print(f"EMULATED devices {DEVICES} (ranks 0-3) at {LINK_GBPS} Gbps, D1 costs, {ns.steps} steps per run, "
+          f"{ns.tokens} tokens per attention rank per step", flush=True)
     base = {"model": MODEL, "seq_len": REAL_SEQ_LEN, "steps": ns.steps}
-    print(f"EMULATED devices {DEVICES} (ranks 0-3), D1 costs, {ns.steps} steps per run; balanced length {seq_len} "
-          f"with {global_seqs} sequences per step; short length {short} with {short_seqs}; Algorithm 1 at {short}: "
-          f"{asym}", flush=True)
-    disaggregated = {"attention_ranks": [0, 1], "emulation": emulation}
-    runs = [  # (name, R, emulated length, asym_ea, sequences per attention rank)
-        ("DistEP", 1, seq_len, "off", ns.batch), ("ZP R=2", 2, seq_len, "off", ns.batch),
-        ("ZP R=4", 4, seq_len, "off", ns.batch),
-        (f"ZP R=2 @{short}", 2, short, "off", ns.short_batch),
-        (f"ZP+Asym-EA R=2 @{short}", 2, short, asym, ns.short_batch),
-    ]
+    from hf_hetermoe.planner.routing import observed
+
     with tempfile.TemporaryDirectory() as workdir:
-        ep = launch({"mode": "colocated", "emulation": emulation},
-                    [{"name": "EP", "batch_size": ns.batch // 2, "hetermoe": {"mode": "colocated", "emulation": emulation}}],
-                    dict(base, attention_ranks=4), workdir, "ep")
-        specs = [{"name": name, "batch_size": batch,
-                  "hetermoe": dict(disaggregated, zebra={"microbatches": r}, asym_ea=a,
-                                   emulation=dict(emulation, seq_len=length))} for name, r, length, a, batch in runs]
-        others = launch(disaggregated, specs, dict(base, attention_ranks=2), workdir, "zp")
-    rows = {r["name"]: summarise(r, global_seqs, seq_len) for r in ep + others[:3]}
-    rows.update({r["name"]: summarise(r, short_seqs, short) for r in others[3:]})
-    predicted = {name: predicted_s(length, 2 * batch, r, offloads if a != "off" else None)
-                 for name, r, length, a, batch in runs}
-    theorem1 = {name: predicted_s(length, 2 * batch, r, offloads if a != "off" else None, batched_head=False)
-                for name, r, length, a, batch in runs}
-    print(f"\n{'EMULATED':<24} {'iter (s)':>9} {'simulated':>10} {'tokens/s':>10} {'attn busy':>10} {'expert busy':>12}")
-    for name, row in rows.items():
-        fmt = lambda v: f"{v:.0%}" if v is not None else "-"  # noqa: E731
-        sim = f"{predicted[name]:.3f}" if name in predicted else "-"
-        print(f"{name:<24} {row['iteration_s']:>9.3f} {sim:>10} {row['tokens_per_s']:>10.0f} "
-              f"{fmt(row['attention_busy']):>10} {fmt(row['expert_busy']):>12}")
-    best = min(("ZP R=2", "ZP R=4"), key=lambda n: rows[n]["iteration_s"])
-    print(f"\nEMULATED ratios at {seq_len} ({best}): ZP/DistEP "
-          f"{rows['DistEP']['iteration_s'] / rows[best]['iteration_s']:.2f}x, "
-          f"ZP/EP {rows['EP']['iteration_s'] / rows[best]['iteration_s']:.2f}x (throughput)")
-    zp, asym_row = rows[f"ZP R=2 @{short}"], rows[f"ZP+Asym-EA R=2 @{short}"]
-    print(f"EMULATED ratio at {short}: ZP+Asym-EA/ZP {zp['iteration_s'] / asym_row['iteration_s']:.2f}x (throughput)")
-    for name in predicted:
-        print(f"measured / simulated, {name}: {rows[name]['iteration_s'] / predicted[name]:.2f} "
-              f"(simulated cost of the batched head vs exact Theorem 1: {predicted[name] / theorem1[name]:.3f}x)")
+        def spec(run: dict, mode: str, batch: int) -> dict:
+            emulation = {"devices": DEVICES, "model": "D1", "seq_len": run["length"], "link_gbps": LINK_GBPS}
+            hetermoe = {"mode": mode, "emulation": emulation}
+            if mode == "disaggregated":
+                asym = {layer: o for layer, o in enumerate(run["offloads"]) if o} if run["offloads"] else "off"
+                hetermoe.update(attention_ranks=[0, 1], zebra={"microbatches": run["r"]}, asym_ea=asym)
+            return {"name": run["name"], "batch_size": batch, "hetermoe": hetermoe,
+                    "routing_log": os.path.join(workdir, "routing", run["name"].replace(" ", "_"))}
+
+        emulation0 = {"devices": DEVICES, "model": "D1", "link_gbps": LINK_GBPS}
+        ep = [r for r in runs if r["strategy"] == "EP"]
+        zp = [r for r in runs if r["strategy"] != "EP"]
+        ep_specs = [spec(r, "colocated", r["seqs"] // 2) for r in ep]
+        zp_specs = [spec(r, "disaggregated", r["seqs"]) for r in zp]
+        results = launch({"mode": "colocated", "emulation": emulation0}, ep_specs, dict(base, attention_ranks=4),
+                         workdir, "ep")
+        results += launch({"attention_ranks": [0, 1], "emulation": emulation0}, zp_specs,
+                          dict(base, attention_ranks=2), workdir, "zp")
+        measured = {r["name"]: summarise(r) for r in results}
+        for s in ep_specs + zp_specs:
+            run = next(r for r in runs if r["name"] == s["name"])
+            setup = simulator_setup(run["length"], 2 * run["seqs"], observed(s["routing_log"]))
+            run["predicted"] = predicted_s(setup, run["strategy"], run["r"], run["offloads"])
+            run["uniform"] = predicted_s(simulator_setup(run["length"], 2 * run["seqs"]), run["strategy"], run["r"],
+                                         run["offloads"])
+            run.update(measured[run["name"]])
+    print(f"\n{'EMULATED':<22} {'R':>2} {'iter (s)':>9} {'predicted':>10} {'meas/pred':>10} {'uniform':>8} "
+          f"{'tokens/s':>9} {'vs EP':>6} {'vs DistEP':>10} {'attn busy':>10} {'expert busy':>12}")
+    by = {(r["strategy"], r["length"]): r for r in runs}
+    pct = lambda v: f"{v:.0%}" if v is not None else "-"  # noqa: E731
+    for run in runs:
+        ep_run, dist = by[("EP", run["length"])], by.get(("DistEP", run["length"]))
+        meas, pred = run["iteration_s"], run["predicted"]
+        vs = lambda other: (f"{other['iteration_s'] / meas:.2f}x/{other['predicted'] / pred:.2f}x"  # noqa: E731
+                            if other is not None and other is not run else "-")
+        print(f"{run['name']:<22} {run['r']:>2} {meas:>9.3f} {pred:>10.3f} {meas / pred:>10.3f} {run['uniform']:>8.3f} "
+              f"{2 * run['seqs'] * run['length'] / meas:>9.0f} {vs(ep_run):>6} {vs(dist):>10} "
+              f"{pct(run['attention_busy']):>10} {pct(run['expert_busy']):>12}")
+    print("(vs EP / vs DistEP: throughput ratio measured/predicted; 'uniform': prediction with uniform routing)")
+    for length in lengths:
+        zp_run, asym = by[("ZP", length)], by.get(("ZP+Asym-EA", length))
+        if asym is None:
+            print(f"{length}: Algorithm 1 moves no expert: ZP+Asym-EA is ZP (R={zp_run['r']})")
+        else:
+            print(f"{length}: ZP+Asym-EA / ZP {zp_run['iteration_s'] / asym['iteration_s']:.2f}x measured, "
+                  f"{zp_run['predicted'] / asym['predicted']:.2f}x predicted (throughput; offloads {asym['offloads']})")
+    errors = [abs(r["iteration_s"] / r["predicted"] - 1) for r in runs if r["strategy"] != "EP"]
+    print(f"prediction error: max {max(errors):.1%}")
     return 0
 
 

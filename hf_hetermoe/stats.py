@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -33,6 +34,9 @@ class PoolStats:
         # Routed (token, k) pairs per expert since the last call, per layer (the engine's exchanges add to it):
         # real routing is not uniform.
         self.expert_load = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}
+        # HETERMOE_ROUTING_LOG=DIR: cumulative counts, for `hetermoe plan --routing DIR` (planner/routing.py).
+        self.routing_log = os.environ.get("HETERMOE_ROUTING_LOG") or None
+        self.routed_total = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}
 
     def pool_busy(self, since: float) -> dict[str, float]:
         """Busy fractions since `since`: this rank's attention work, and (leader) the expert servers' work."""
@@ -56,6 +60,13 @@ class PoolStats:
         """This rank's routing since the last call: worst layer's (busiest holder / mean holder) load, and the
         busiest expert's share of its layer. Per-layer, per-rank detail goes to the debug log."""
         worst_rank, worst_expert = 1.0, 0.0
+        if self.routing_log:
+            for layer, load in self.expert_load.items():
+                self.routed_total[layer] += load
+            from .planner.routing import write_counts
+
+            write_counts(self.routing_log, self.groups.rank,
+                         {layer: total.tolist() for layer, total in self.routed_total.items()})
         for layer, load in self.expert_load.items():
             total = int(load.sum())
             if total == 0:

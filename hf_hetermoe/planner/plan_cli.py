@@ -18,6 +18,7 @@ import sys
 from .cluster import parse_cluster
 from .presets import MODEL_PRESETS, resolve_model
 from .profile_file import load_profiles
+from .routing import parse_routing
 from .workload import Setup, check_offloads, default_global_batch
 
 PLAN_YAML, PLAN_PNG, PLAN_PLACEMENT = "hetermoe_plan.yaml", "hetermoe_plan.png", "hetermoe_placement.json"
@@ -54,6 +55,9 @@ def _setup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-gbps", type=float, help="per-GPU network bandwidth (default: preset's, else 100)")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--no-checkpointing", action="store_true", help="simulate without activation recomputation")
+    p.add_argument("--routing", default="uniform",
+                   help="per-expert load: uniform, zipf:S (e.g. zipf:1.2), or a routing log written by the runtime "
+                        "under HETERMOE_ROUTING_LOG=DIR (the folder or one routing-rank*.json)")
 
 
 def _setup_from(args: argparse.Namespace) -> Setup:
@@ -74,8 +78,9 @@ def _setup_from(args: argparse.Namespace) -> Setup:
         raise ValueError("--seq-len is required unless --profile is given.")
     cluster = parse_cluster(args.cluster, link_gbps=args.link_gbps, measured=measured)
     batch = args.global_batch if args.global_batch is not None else default_global_batch(cluster)
+    routing = parse_routing(args.routing, num_layers=shape.num_layers, num_experts=shape.num_experts)
     return Setup(cluster=cluster, shape=shape, seq_len=seq_len, global_batch=batch,
-                 checkpointing=not args.no_checkpointing)
+                 checkpointing=not args.no_checkpointing, routing=routing)
 
 
 def _describe(setup: Setup) -> str:
@@ -84,7 +89,8 @@ def _describe(setup: Setup) -> str:
             f"model    {s.name}: {s.num_layers} layers, hidden {s.hidden_size}, {s.num_experts} experts (top-{s.top_k}),"
             f" {s.total_params / 1e9:.2f}B params, {s.dtype}\n"
             f"batch    {setup.global_batch} sequences x {setup.seq_len} tokens = {setup.tokens:,} tokens per iteration"
-            f"{', activation checkpointing' if setup.checkpointing else ''}")
+            f"{', activation checkpointing' if setup.checkpointing else ''}\n"
+            f"routing  {setup.routing.name}")
 
 
 # ---- hetermoe plan -----------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ class Row:
         return self.bound_s / self.best.iteration_s
 
 
-def sweep(clusters=tuple(CLUSTER_PRESETS), models=tuple(MODEL_PRESETS), seq_lens=SEQ_LENS) -> tuple[list[Row], list[str]]:
+def sweep(clusters=tuple(CLUSTER_PRESETS), models=tuple(MODEL_PRESETS), seq_lens=SEQ_LENS,
+          batch_multiplier: int = 1) -> tuple[list[Row], list[str]]:
+    """Every setup at `batch_multiplier` times the default global batch."""
     rows, skipped = [], []
     for cname in clusters:
         cluster = parse_cluster(cname)
@@ -63,7 +65,8 @@ def sweep(clusters=tuple(CLUSTER_PRESETS), models=tuple(MODEL_PRESETS), seq_lens
                                f"{cluster.expert.name})")
                 continue
             for s in seq_lens:
-                setup = Setup(cluster=cluster, shape=shape, seq_len=s, global_batch=default_global_batch(cluster))
+                setup = Setup(cluster=cluster, shape=shape, seq_len=s,
+                              global_batch=batch_multiplier * default_global_batch(cluster))
                 results, _ = evaluate(setup)
                 rows.append(Row(cluster=cname, model=mname, seq_len=s, setup=setup, results=results,
                                 bound_s=lower_bound(setup).iteration_s))

@@ -68,8 +68,9 @@ def build_zebra(c: ZebraCosts, *, batched_head: bool = False) -> TaskGraph:
     The compute streams' orders (`graph.orders`) come from `hf_hetermoe.schedule_order` (attention_order,
     expert_order); a test may replace them with any other order. Tasks are created in the same order, so
     collectives that become ready at the same time keep breaking ties as before. `batched_head=True` is the
-    runtime's variant: the stock Trainer computes one loss per micro-batch, so the top stage's forwards of all
-    micro-batches come first, then its backwards, and no output gradient leaves before the last one.
+    runtime's variant: the stock Trainer computes one loss per micro-batch, so the head starts after every
+    micro-batch's last combine, the top stage's forwards of all micro-batches come first, then its backwards,
+    and no output gradient leaves before the last one.
     """
     L, R = c.num_stages, c.num_microbatches
     g = TaskGraph()
@@ -101,9 +102,11 @@ def build_zebra(c: ZebraCosts, *, batched_head: bool = False) -> TaskGraph:
             cf[(l, j)] = g.add(name=f"C^F[{l},{j}]", kind="combine_f", stream=COMBINE, groups=both,
                                loads=c.combine[l - 1][j - 1], deps=deps, layer=l, microbatch=j)
     if batched_head:
+        # One head over the whole micro-batch: it starts once every stripe's top-layer results are back.
+        every_top = tuple(cf[(L - 1, x)] for x in range(1, R + 1))
         for j in range(1, R + 1):
             af[(L, j)] = g.add(name=f"A^F[{L},{j}]", kind="head_f", stream=COMPUTE, groups=(ATTN,),
-                               duration=c.attn_f[L - 1][j - 1], deps=(cf[(L - 1, j)],), layer=L, microbatch=j)
+                               duration=c.attn_f[L - 1][j - 1], deps=every_top, layer=L, microbatch=j)
         for j in range(1, R + 1):
             ab[(L, j)] = g.add(name=f"A^B[{L},{j}]", kind="head_b", stream=COMPUTE, groups=(ATTN,),
                                duration=c.attn_b[L - 1][j - 1], deps=(af[(L, R)],), layer=L, microbatch=j)

@@ -56,8 +56,10 @@ def _summarise(strategy: str, setup: Setup, sim: SimResult, r: int, offloads=())
     )
 
 
-def simulate_zebra(setup: Setup, r: int, offloads: list[int] | None = None, *, batched_head: bool = False) -> SimResult:
-    """`batched_head`: the hf_hetermoe runtime's variant of Theorem 1 (see schedules.build_zebra)."""
+def simulate_zebra(setup: Setup, r: int, offloads: list[int] | None = None, *, batched_head: bool = True) -> SimResult:
+    """The schedule the runtime runs: Theorem 1 with a batched head (head and loss once per micro-batch, see
+    schedules.build_zebra and docs/planner.md, "One schedule"). `batched_head=False` is exact Theorem 1, kept
+    to measure what the batched head costs."""
     c = setup.cluster
     return simulate(build_zebra(zebra_costs(setup, r, offloads), batched_head=batched_head), _groups(c),
                     latency_s=c.latency_s)

@@ -7,8 +7,11 @@ routed token copies, P_j = M C_j / n the copies one expert receives, o_l experts
 MoE layer l (Asym-EA), e_l = n/N - o_l experts left on an expert GPU, a_l = o_l N / M experts on an
 attention GPU.
 
-Routing is assumed uniform (the paper's profiler assumes the same). Experts are computed one after another
-(a loop over local experts), so a GPU's expert time is its expert count times one expert's time. With
+Routing is uniform unless the setup gives per-expert shares (`routing.py`: Zipf or counts the runtime logged);
+every expert receives its share of the M C_j copies of a micro-batch, and each holder's time and bytes follow
+from the experts it holds (`asym_ea.placement_from_offloads`, the runtime's convention); the *busiest* holder
+sets the pace, as in a real all-to-all. Experts are computed one after another (a loop over local experts), so
+a GPU's expert time is the sum of its experts' times (under uniform routing: its expert count times one). With
 activation checkpointing (the paper's setups use it) every backward of an attention half or an expert adds
 one forward for the recomputation; the head is not checkpointed. Recomputation repeats no communication
 (each module is checkpointed on its own, so no all-to-all is replayed).
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from .cluster import ClusterSpec
 from .model_shape import ModelShape
 from .profiles import DeviceCosts
+from .routing import UNIFORM, Routing
 from .schedules import ATTN, EXP, ColocatedCosts, Loads, ZebraCosts
 
 
@@ -32,8 +36,10 @@ class Setup:
     seq_len: int  # S
     global_batch: int  # B, sequences per iteration
     checkpointing: bool = True
+    routing: Routing = UNIFORM  # per-expert shares of each MoE layer's routed copies
 
     def __post_init__(self) -> None:
+        self.routing.check(num_layers=self.shape.num_layers, num_experts=self.shape.num_experts)
         for name in ("seq_len", "global_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -102,8 +108,20 @@ def _train(fwd_bwd: tuple[float, float], recompute: bool) -> tuple[float, float]
     return fwd, bwd + (fwd if recompute else 0.0)
 
 
+def _experts_s(dev: DeviceCosts, shape: ModelShape, tokens: list[float], recompute: bool) -> tuple[float, float]:
+    """One holder's experts run one after another; an expert that receives no rows is skipped (as at run time)."""
+    fwd = bwd = 0.0
+    for t in tokens:
+        if t > 0:
+            f, b = _train(dev.expert_s(shape, num_tokens=t), recompute)
+            fwd, bwd = fwd + f, bwd + b
+    return fwd, bwd
+
+
 def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None) -> ZebraCosts:
     """Disaggregated costs for R = r micro-batches and Asym-EA offloads o_l (None: no Asym-EA)."""
+    from .asym_ea import placement_from_offloads  # asym_ea imports this module
+
     c, shape, S = setup.cluster, setup.shape, setup.seq_len
     m, n_exp, n, k = c.num_attention, c.num_expert, shape.num_experts, shape.top_k
     hb = shape.hidden_size * shape.bytes_per_element
@@ -112,28 +130,40 @@ def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None) -> Zebr
     check_offloads(setup, offloads)
     seqs = setup.microbatch_seqs(r)
     ck = setup.checkpointing
+    attention_ranks, expert_ranks = tuple(range(m)), tuple(range(m, m + n_exp))
+    placement = placement_from_offloads(num_experts=n, attention_ranks=attention_ranks, expert_ranks=expert_ranks,
+                                        offloads=offloads)
 
     attn = [_train(dev_a.attention_s(shape, num_seqs=s, seq_len=S), ck) for s in seqs]
     head = [_train(dev_a.head_s(shape, num_tokens=s * S), False) for s in seqs]
     attn_f = [[a[0] for a in attn] for _ in range(shape.num_layers)] + [[h[0] for h in head]]
     attn_b = [[a[1] for a in attn] for _ in range(shape.num_layers)] + [[h[1] for h in head]]
     exp_f, exp_b, xa_f, xa_b, dispatch, combine = [], [], [], [], [], []
-    for o in offloads:
-        e_l, a_l = n // n_exp - o, o * n_exp / m
+    for layer in range(shape.num_layers):
+        shares = setup.routing.layer_shares(layer, n)
+        held: dict[int, list[int]] = {rank: [] for rank in attention_ranks + expert_ranks}
+        for expert, rank in placement.owners[layer].items():
+            held[rank].append(expert)
+        share = {rank: sum(shares[e] for e in experts) for rank, experts in held.items()}
+        moved = any(held[rank] for rank in attention_ranks)
         rows = {"ef": [], "eb": [], "xf": [], "xb": [], "d": [], "c": []}
         for s in seqs:
-            copies = k * s * S  # C_j
-            per_expert = m * copies / n  # P_j
-            on_e = _train(dev_e.expert_s(shape, num_tokens=per_expert), ck)
-            on_a = _train(dev_a.expert_s(shape, num_tokens=per_expert), ck) if a_l else (0.0, 0.0)
-            rows["ef"].append(e_l * on_e[0])
-            rows["eb"].append(e_l * on_e[1])
-            rows["xf"].append(a_l * on_a[0])
-            rows["xb"].append(a_l * on_a[1])
+            copies = k * s * S  # C_j, from one attention GPU
+            routed = m * copies  # the micro-batch's copies over all attention GPUs
+            on_e = max((_experts_s(dev_e, shape, [routed * shares[e] for e in held[x]], ck) for x in expert_ranks),
+                       key=lambda t: t[0] + t[1])
+            on_a = (max((_experts_s(dev_a, shape, [routed * shares[e] for e in held[x]], ck) for x in attention_ranks),
+                        key=lambda t: t[0] + t[1]) if moved else (0.0, 0.0))
+            rows["ef"].append(on_e[0])
+            rows["eb"].append(on_e[1])
+            rows["xf"].append(on_a[0])
+            rows["xb"].append(on_a[1])
+            own_min = min(share[x] for x in attention_ranks)
+            own_max = max(share[x] for x in attention_ranks)
             loads: Loads = {
-                (ATTN, "send"): copies * (1 - a_l / n) * hb,  # everything but the copies for its own experts
-                (ATTN, "recv"): (m - 1) * copies * a_l / n * hb,  # other attention GPUs' copies for its experts
-                (EXP, "recv"): e_l * per_expert * hb,
+                (ATTN, "send"): copies * (1 - own_min) * hb,  # everything but the copies for its own experts
+                (ATTN, "recv"): (m - 1) * copies * own_max * hb,  # other attention GPUs' copies for its experts
+                (EXP, "recv"): max(routed * share[x] for x in expert_ranks) * hb,
                 (EXP, "send"): 0.0,
             }
             rows["d"].append(loads)
@@ -156,19 +186,46 @@ def colocated_costs(setup: Setup, groups: dict[str, tuple[int, DeviceCosts]], se
     tokens = seqs_per_gpu * S
     per_expert = world * k * tokens / n
     ck = setup.checkpointing
+    skewed = not setup.routing.is_uniform and n % world == 0  # whole experts per GPU: GPU g holds [g q, (g+1) q)
+    q = n // world
     attn_f, attn_b, exp_f, exp_b = {}, {}, {}, {}
-    for name, (_, dev) in groups.items():
+    first = 0  # global index of the group's first GPU
+    # per group and layer: the largest and smallest share of the copies one of its GPUs' experts receive
+    busiest: dict[str, list[float]] = {}
+    idlest: dict[str, list[float]] = {}
+    for name, (count, dev) in groups.items():
         a = _train(dev.attention_s(shape, num_seqs=seqs_per_gpu, seq_len=S), ck)
         hd = _train(dev.head_s(shape, num_tokens=tokens), False)
-        e = _train(dev.expert_s(shape, num_tokens=per_expert), ck)
         attn_f[name] = [a[0]] * shape.num_layers + [hd[0]]
         attn_b[name] = [a[1]] * shape.num_layers + [hd[1]]
-        exp_f[name] = [n / world * e[0]] * shape.num_layers
-        exp_b[name] = [n / world * e[1]] * shape.num_layers
-    moved = k * tokens * (world - 1) / world * hb  # all copies except those for its own experts
-    loads: Loads = {(g, d): moved for g in groups for d in ("send", "recv")}
+        if not skewed:
+            e = _train(dev.expert_s(shape, num_tokens=per_expert), ck)
+            exp_f[name] = [n / world * e[0]] * shape.num_layers
+            exp_b[name] = [n / world * e[1]] * shape.num_layers
+            busiest[name] = idlest[name] = [1 / world] * shape.num_layers
+        else:
+            exp_f[name], exp_b[name], busiest[name], idlest[name] = [], [], [], []
+            routed = world * k * tokens
+            for layer in range(shape.num_layers):
+                shares = setup.routing.layer_shares(layer, n)
+                gpus = [shares[g * q:(g + 1) * q] for g in range(first, first + count)]
+                f, b = max((_experts_s(dev, shape, [routed * x for x in held], ck) for held in gpus),
+                           key=lambda t: t[0] + t[1])
+                exp_f[name].append(f)
+                exp_b[name].append(b)
+                busiest[name].append(max(sum(held) for held in gpus))
+                idlest[name].append(min(sum(held) for held in gpus))
+        first += count
+    alltoall = []
+    for layer in range(shape.num_layers):
+        loads: Loads = {}
+        for g in groups:
+            # all copies except those for its own experts leave; every other GPU sends its share for them in
+            loads[(g, "send")] = k * tokens * (1 - idlest[g][layer]) * hb
+            loads[(g, "recv")] = k * tokens * (world - 1) * busiest[g][layer] * hb
+        alltoall.append(loads)
     return ColocatedCosts(groups=tuple(groups), attn_f=attn_f, attn_b=attn_b, exp_f=exp_f, exp_b=exp_b,
-                          alltoall=[loads] * shape.num_layers)
+                          alltoall=alltoall)
 
 
 def iteration_work(setup: Setup, device: DeviceCosts) -> tuple[float, float]:
