@@ -167,8 +167,8 @@ class HeterMoEConfig:
             data = yaml.load(text, Loader=_StrictLoader)
         except yaml.YAMLError as exc:
             raise ValueError(f"hetermoe config: {source} is not valid YAML ({_first_lines(exc)}). Fix the syntax.") from None
-        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-            # PyYAML lets some constructor errors through as they are (e.g. the date 2001-02-30, nesting too deep).
+        except (ValueError, TypeError, IndexError, OverflowError, RecursionError) as exc:
+            # PyYAML lets some constructor errors through as they are (the date 2001-02-30, nesting too deep, "!!int ").
             raise ValueError(f"hetermoe config: {source} is not valid YAML ({type(exc).__name__}: "
                              f"{_first_lines(exc)}). Fix the value.") from None
         try:

@@ -81,6 +81,8 @@ def test_keyword_construction_is_validated_like_a_file():
 def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="not valid YAML"):
         HeterMoEConfig.from_yaml(write(tmp_path, "attention_ranks: [0, 1\n"))
+    with pytest.raises(ValueError, match="not valid YAML"):  # PyYAML's own IndexError on an empty tagged int
+        HeterMoEConfig.from_yaml_text("!!int ")
     with pytest.raises(ValueError, match="no file"):
         HeterMoEConfig.from_yaml(tmp_path / "missing.yaml")
 
