@@ -20,13 +20,21 @@ import re
 import pytest
 from transformers import MixtralForCausalLM
 
-from tests._assertions import assert_same_losses, assert_same_weights
+from tests._assertions import assert_same_losses, stock_weights
 from tests._checkpoint_jobs import SHARD_SIZE, run, write_pretrained
 from tests._dist import spawn
 
 pytestmark = pytest.mark.slow  # multi-process jobs
 
 M1 = {"attention_ranks": [0]}  # rank 0 attention, ranks 1-2 expert servers
+
+
+def assert_same_weights(folder_a, folder_b, atol=1e-5) -> None:
+    a, b = stock_weights(folder_a), stock_weights(folder_b)
+    assert set(a) == set(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"\n{folder_b.name} vs {folder_a.name}: weights max {worst:.3g}")
+    assert worst <= atol, f"weights differ by {worst:.3g}"
 
 
 def assert_sharded_with_split_experts(folder) -> None:
