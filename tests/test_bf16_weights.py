@@ -8,6 +8,11 @@ coefficient). The tolerance is measured, not chosen: the same stock run with onl
 HeterMoE's (`float64_norm` in tests/_checkpoint_jobs.py) shows how far that rounding alone moves stock bf16
 training; HeterMoE must stay within twice that distance of stock, and its mean difference must be a small part
 of the training's mean update (so a wrong update, e.g. experts left untrained, fails).
+
+Measured (8 steps, 2-core CPU; the test prints them): stock vs stock with a float64 norm 5.0e-3 max in the
+weights, 1.2e-4 in the losses; mean update 4.5e-3. Colocated HeterMoE equals the float64-norm stock run exactly
+(5.0e-3 max, 5.6e-5 mean from stock); 1 attention + 2 expert ranks, zebra R = 2 (attention on half micro-batches,
+which bf16 rounds differently), 6.2e-3 max, 1.3e-4 mean, losses 1.5e-4.
 """
 
 from __future__ import annotations
