@@ -6,22 +6,29 @@ optimizer state saved beside the Trainer's own optimizer state.
   checkpoints and `push_to_hub`) writes files that stock transformers loads. Partial tensors are never saved:
   transformers' reverse conversion would renumber the experts.
 - `load_state_dict()` accepts in-memory names and the on-disk names of stock files (the Trainer's resume path
-  hands over the file's keys as they are); expert tensors are scattered to their holders.
+  hands over the file's keys as they are); expert tensors are scattered to their holders. A state dict may hold
+  any subset: the Trainer loads a sharded checkpoint one file per call, and a file may hold only some experts of
+  a tensor, so those pieces are kept until the files seen so far complete the tensor. Each call reports the
+  expert tensors it did not load as missing keys, as stock does.
 - The experts' optimizer state is one safetensors file per checkpoint, keyed by stock parameter names and holding
   full `(E, ...)` tensors, so a run can resume on a different number of expert ranks. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from model_patches.conversion import convert_available
 
 if TYPE_CHECKING:
     from .expert_state import ExpertState
@@ -46,6 +53,12 @@ class ExpertStateHooks:
         self.state = state
         self._cache: tuple[int, dict] | None = None  # (weights_version, full expert tensors)
         self._warned = False
+        # On-disk expert pieces (stock file keys) of tensors whose other experts are in files not loaded yet.
+        self.pieces: dict[str, torch.Tensor] = {}
+        self._listing = 0  # > 0: state_dict() lists expert keys with meta placeholders (see `listing_keys`)
+        self._placeholders: dict[str, torch.Tensor] | None = None
+        self._config = getattr(model, "config", None)
+        self._dtype = getattr(model, "dtype", None)
         # torch tags public hooks with an attribute, which bound methods cannot carry: wrap them in closures.
         self.handles = [
             model.register_state_dict_post_hook(lambda *a: self._state_dict_post_hook(*a)),
@@ -69,6 +82,29 @@ class ExpertStateHooks:
     def drop_cache(self) -> None:
         self._cache = None
 
+    @contextlib.contextmanager
+    def listing_keys(self) -> Iterator[None]:
+        """While active, `state_dict()` names the experts with meta tensors of their full shape and gathers
+        nothing. The Trainer's checkpoint loads call `model.state_dict()` only for its keys (to list missing
+        ones); a gather there would fetch every expert from the servers, and in colocated mode it is a collective
+        that ranks other than the leader would never join."""
+        self._listing += 1
+        try:
+            yield
+        finally:
+            self._listing -= 1
+
+    def _expert_placeholders(self) -> dict[str, torch.Tensor]:
+        if self._placeholders is None:
+            state = self.state
+            with torch.device("meta"):
+                stock = state.family.make_local_experts(self._config, state.placement.num_experts)
+            self._placeholders = {
+                f"{path}.{name}": torch.empty_like(getattr(stock, name), dtype=self._dtype)
+                for path in state.slot_paths.values() for name in state.family.expert_param_names
+            }
+        return self._placeholders
+
     def _full_experts(self) -> dict | None:
         state = self.state
         if self._cache is not None and self._cache[0] == state.weights_version:
@@ -78,6 +114,10 @@ class ExpertStateHooks:
         return state.gather_expert_weights(collective=False)
 
     def _state_dict_post_hook(self, module, state_dict, prefix, local_metadata) -> None:
+        if self._listing:
+            for key, placeholder in self._expert_placeholders().items():
+                state_dict[prefix + key] = placeholder
+            return
         full = self._full_experts()
         if full is None:
             if not self._warned:
@@ -93,30 +133,71 @@ class ExpertStateHooks:
                 state_dict[f"{prefix}{path}.{name}"] = tensor
 
     def _load_pre_hook(self, module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        """Scatter the expert tensors the state dict completes (with the pieces earlier calls left: one file of a
+        sharded checkpoint at a time); expert tensors not loaded by this call are reported missing, as stock
+        `load_state_dict` reports every key a partial state dict lacks."""
         state = self.state
         own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        converted = state.family.checkpoint_to_model_keys(own)
         for key in list(state_dict):
             if key.startswith(prefix):
                 del state_dict[key]
+        converted, self.pieces = convert_available(
+            state.family.model_type, {**self.pieces, **own}, state.placement.num_experts
+        )
         full: dict[int, dict[str, torch.Tensor]] = {}
         for layer, path in state.slot_paths.items():
             for name in state.family.expert_param_names:
                 key = f"{path}.{name}"
                 if key in converted:
                     full.setdefault(layer, {})[name] = converted.pop(key)
+                else:
+                    missing.append(prefix + key)
         state_dict.update({prefix + k: v for k, v in converted.items()})
-        if not full:
-            return
-        complete = len(full) == len(state.slot_paths) and all(
-            len(t) == len(state.family.expert_param_names) for t in full.values()
+        if full:
+            state.load_expert_weights(full)
+            self._cache = None
+
+    def waiting_tensors(self) -> list[str]:
+        """The on-disk tensors (expert index as `*`) whose pieces are held, waiting for the rest of their experts."""
+        return sorted({re.sub(r"\.experts\.\d+\.", ".experts.*.", key) for key in self.pieces})
+
+
+def load_trainer_checkpoint(hooks: ExpertStateHooks, folder: str, load: Callable[[], Any]) -> Any:
+    """Run one of the Trainer's checkpoint loads (`load`, reading `folder`): experts are listed, not gathered;
+    a sharded checkpoint whose index names a file that is not there, or whose files leave an expert tensor
+    incomplete, is a ValueError naming what is missing (stock would resume with those weights untouched)."""
+    check_checkpoint_files(folder)
+    hooks.pieces = {}  # pieces of an earlier, unrelated load never mix with this checkpoint's
+    with hooks.listing_keys():
+        result = load()
+    if hooks.pieces:
+        waiting = hooks.waiting_tensors()
+        hooks.pieces = {}
+        raise ValueError(
+            f"hetermoe: the checkpoint {folder} leaves expert tensors incomplete: {waiting} (some experts are in no "
+            "file the index names). Resume from a complete checkpoint."
         )
-        if not complete:
+    return result
+
+
+def check_checkpoint_files(folder: str) -> None:
+    """ValueError naming every file a sharded checkpoint's index lists that `folder` lacks."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME
+
+    for index_name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        index_path = os.path.join(folder, index_name)
+        if not os.path.isfile(index_path):
+            continue
+        with open(index_path, encoding="utf-8") as fh:
+            weight_map = json.load(fh).get("weight_map", {})
+        lost = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
+        if lost:
             raise ValueError(
-                "hetermoe: the state dict holds routed experts for only some MoE layers; load a complete checkpoint."
+                f"hetermoe: the checkpoint {folder} is missing {lost}, which {index_name} lists (holding "
+                f"{sum(f in lost for f in weight_map.values())} tensors). Restore the file(s) or resume from "
+                "another checkpoint."
             )
-        state.load_expert_weights(full)
-        self._cache = None
+        return  # the Trainer loads the safetensors index when both exist
 
 
 # ---- expert optimizer state ------------------------------------------------------------------------------------

@@ -142,35 +142,44 @@ class ExpertShard:
         return {ExpertTensorKey.weight(layer, name).encode(): p.detach() for layer, name, p in self.named_parameters()}
 
     def load_local_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Every layer's weights at once, keyed by `ExpertTensorKey.weight` (from any device)."""
-        for layer in sorted(self.modules):
-            self.load_layer_weights(layer, tensors)
+        """The expert tensors `tensors` holds, keyed by `ExpertTensorKey.weight` (from any device). A sharded
+        checkpoint completes its tensors file by file, so a load may bring only some layers or tensors; a key for
+        a layer or tensor this shard does not hold is a ValueError (before anything is loaded)."""
+        keys = {text: ExpertTensorKey.decode(text) for text in tensors}
+        for text, key in keys.items():
+            if key.layer not in self.modules or key.name not in self.family.expert_param_names or not key.is_weight:
+                raise ValueError(f"hetermoe: rank {self.rank} holds no expert weights {text!r} (layers "
+                                 f"{sorted(self.modules)}, tensors {list(self.family.expert_param_names)}).")
+        for text, key in sorted(keys.items(), key=lambda item: (item[1].layer, item[1].name)):
+            self._load_tensor(key.layer, key.name, tensors[text])
 
     def load_layer_weights(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
-        """One layer's `(n, ...)` expert weights, keyed by `ExpertTensorKey.weight` (from any device).
+        """One layer's `(n, ...)` expert weights, keyed by `ExpertTensorKey.weight` (from any device); every
+        tensor of the layer must be there."""
+        for name in self.family.expert_param_names:
+            key = ExpertTensorKey.weight(layer, name).encode()
+            if key not in tensors:
+                raise ValueError(f"hetermoe: expert weights for layer {layer} ({name}) are missing.")
+            self._load_tensor(layer, name, tensors[key])
 
-        A parameter not yet allocated (`allocate=False`) takes the given tensor as its storage when it already has
+    def _load_tensor(self, layer: int, name: str, src: torch.Tensor) -> None:
+        """A parameter not yet allocated (`allocate=False`) takes the given tensor as its storage when it already has
         this shard's device and dtype (the caller hands it over), else a converted copy; an allocated one is copied
         into, so its identity and storage (which an optimizer may hold) stay."""
+        p = getattr(self.modules[layer], name)
+        if tuple(src.shape) != tuple(p.shape):
+            raise ValueError(
+                f"hetermoe: expert weights {name} of layer {layer} have shape {tuple(src.shape)}, "
+                f"expected {tuple(p.shape)} on rank {self.rank}."
+            )
         with torch.no_grad():
-            for name in self.family.expert_param_names:
-                p = getattr(self.modules[layer], name)
-                key = ExpertTensorKey.weight(layer, name).encode()
-                if key not in tensors:
-                    raise ValueError(f"hetermoe: expert weights for layer {layer} ({name}) are missing.")
-                src = tensors[key]
-                if tuple(src.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"hetermoe: expert weights {name} of layer {layer} have shape {tuple(src.shape)}, "
-                        f"expected {tuple(p.shape)} on rank {self.rank}."
-                    )
-                if p.is_meta:
-                    # A new Parameter (a meta tensor cannot take real storage in place); nothing refers to the
-                    # placeholder yet, the optimizer is built after setup.
-                    weights = src.detach().to(device=self.device, dtype=self.dtype).contiguous()
-                    setattr(self.modules[layer], name, nn.Parameter(weights, requires_grad=p.requires_grad))
-                else:
-                    p.copy_(src.to(device=p.device, dtype=p.dtype))
+            if p.is_meta:
+                # A new Parameter (a meta tensor cannot take real storage in place); nothing refers to the
+                # placeholder yet, the optimizer is built after setup.
+                weights = src.detach().to(device=self.device, dtype=self.dtype).contiguous()
+                setattr(self.modules[layer], name, nn.Parameter(weights, requires_grad=p.requires_grad))
+            else:
+                p.copy_(src.to(device=p.device, dtype=p.dtype))
 
     def check_loaded(self) -> None:
         """RuntimeError if a layer never got its weights (a setup that sent fewer layers than this rank holds)."""
@@ -181,13 +190,13 @@ class ExpertShard:
 
     def slice_full(self, full: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Pick this rank's experts out of full `(E, ...)` tensors `{layer: {name: tensor}}` (of any subset of
-        layers), on the device those tensors are on."""
+        layers and tensors), on the device those tensors are on."""
         out = {}
         for layer, tensors in full.items():
             if layer not in self.local:
                 continue
-            for name in self.family.expert_param_names:
-                out[ExpertTensorKey.weight(layer, name).encode()] = select_experts(tensors[name], self.local[layer])
+            for name, tensor in tensors.items():  # a sharded checkpoint's file may complete only some tensors
+                out[ExpertTensorKey.weight(layer, name).encode()] = select_experts(tensor, self.local[layer])
         return out
 
     # ---- compute ---------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ dicts must be stock, and revert must restore a model equal to an untouched one.
 """
 
 import copy
+import json
+import re
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from hf_hetermoe import HeterMoEConfig, apply_hetermoe, get_engine, revert_hetermoe
 from hf_hetermoe.block import HeterMoEExperts
+from hf_hetermoe.checkpoint import load_trainer_checkpoint
+from hf_hetermoe.patching import state_hooks
 from hf_hetermoe.expert_shard import ExpertShard
 from tests._jobs import PROMPT, tiny_mixtral_config, train
 
@@ -88,12 +92,80 @@ def test_load_state_dict_accepts_memory_and_disk_keys(tmp_path):
         assert_state_equal(ours.state_dict(), other.state_dict())
 
 
-def test_partial_expert_state_is_refused():
+def _expert_keys(state: dict) -> set:
+    return {k for k in state if ".mlp.experts." in k}
+
+
+def test_partial_expert_state_loads_what_it_holds(tmp_path):
+    """A file of a sharded checkpoint may hold some experts of a tensor: its pieces wait for the others; each call
+    loads what is complete and reports the expert tensors it did not load as missing."""
+    other, untouched = fresh_model(seed=7), fresh_model()
+    other.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(tmp_path / "model.safetensors")
+    low = {k: v for k, v in on_disk.items() if not re.search(r"\.experts\.[23]\.", k)}  # + experts 0-1
+    high = {k: v for k, v in on_disk.items() if re.search(r"\.experts\.[23]\.", k)}
     ours = fresh_model()
     apply_hetermoe(ours, HeterMoEConfig(mode="colocated"))
-    partial = {k: v for k, v in fresh_model(1).state_dict().items() if "layers.0.mlp.experts" in k}
-    with pytest.raises(ValueError, match="only some MoE layers"):
-        ours.load_state_dict(partial, strict=False)
+    result = ours.load_state_dict(low, strict=False)
+    assert _expert_keys(result.missing_keys) == _expert_keys(untouched.state_dict())
+    expert_state = {k: v for k, v in ours.state_dict().items() if k in _expert_keys(v_ := untouched.state_dict())}
+    assert_state_equal(expert_state, {k: v_[k] for k in expert_state})  # nothing loaded yet
+    result = ours.load_state_dict(high, strict=False)
+    assert not _expert_keys(result.missing_keys) and state_hooks(ours).pieces == {}
+    assert_state_equal(ours.state_dict(), other.state_dict())
+
+    # In-memory names, one layer only: that layer loads, the others are reported missing.
+    ours = fresh_model()
+    apply_hetermoe(ours, HeterMoEConfig(mode="colocated"))
+    layer0 = {k: v for k, v in other.state_dict().items() if "layers.0.mlp.experts" in k}
+    result = ours.load_state_dict(layer0, strict=False)
+    assert _expert_keys(result.missing_keys) == {k for k in _expert_keys(untouched.state_dict()) if "layers.0." not in k}
+    loaded = ours.state_dict()
+    for key in _expert_keys(loaded):
+        torch.testing.assert_close(loaded[key], (other if "layers.0." in key else untouched).state_dict()[key],
+                                   atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict, as stock: a partial state dict is refused
+        ours.load_state_dict(layer0, strict=True)
+
+
+def test_sharded_checkpoint_with_a_lost_file_is_named(tmp_path):
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    other = fresh_model(seed=7)
+    other.save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    # transformers shards the in-memory tensors, then splits them into stock keys: gate_up_proj's w1 and w3
+    # land in different files, so no single file completes that tensor.
+    gate_up_files = {f for k, f in index["weight_map"].items() if re.search(r"layers\.1\..*experts\.\d+\.w[13]", k)}
+    assert len(files) > 3 and len(gate_up_files) > 1, "the shards must split an expert tensor over files"
+
+    def load(ours):
+        return load_trainer_checkpoint(state_hooks(ours), str(tmp_path),
+                                       lambda: load_sharded_checkpoint(ours, str(tmp_path), strict=False))
+
+    ours = fresh_model()
+    apply_hetermoe(ours, HeterMoEConfig(mode="colocated"))
+    load(ours)
+    assert_state_equal(ours.state_dict(), other.state_dict())
+
+    lost = index["weight_map"]["model.layers.1.block_sparse_moe.experts.0.w1.weight"]
+    (tmp_path / lost).rename(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=re.escape(lost)):
+        load(fresh_model_patched())
+    # The index no longer names the file either: gate_up_proj of layer 1 gets w3 and never w1.
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != lost}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"incomplete: \['model.layers.1.block_sparse_moe.experts.\*.w3.weight'\]"):
+        load(fresh_model_patched())
+
+
+def fresh_model_patched() -> MixtralForCausalLM:
+    model = fresh_model()
+    apply_hetermoe(model, HeterMoEConfig(mode="colocated"))
+    return model
 
 
 def test_revert_restores_an_untouched_model():

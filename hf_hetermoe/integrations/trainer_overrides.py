@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .. import atomic_checkpoint
-from ..checkpoint import load_expert_optimizer, save_expert_optimizer
+from ..checkpoint import load_expert_optimizer, load_trainer_checkpoint, save_expert_optimizer
 from ..patching import state_hooks
 from ..precision import check_grad_scaler, scaled_clip_grad_norm
 from ..versions import SUPPORTED
@@ -62,6 +62,12 @@ TRAINER_OVERRIDES: tuple[Override, ...] = (
              "replaced only while _save_checkpoint runs: the stock save then writes into the staging folder"),
     Override("_push_from_checkpoint", ("checkpoint_folder",),
              "replaced only while _save_checkpoint runs: a push waits until the folder is published"),
+    Override("_load_from_checkpoint", ("resume_from_checkpoint", "model"),
+             "resume calls model.state_dict() only to list keys, which would gather every expert (a collective in "
+             "colocated mode); a sharded checkpoint must complete each expert tensor and name a lost file; no event "
+             "runs around the weight load"),
+    Override("_load_best_model", (),
+             "the same weight load as resume, for load_best_model_at_end; no event runs around it"),
 )
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -162,6 +168,13 @@ def install_trainer_overrides(
     trainer.save_model = save_model
     trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
+    original_load_checkpoint = trainer._load_from_checkpoint
+    original_load_best = trainer._load_best_model
+    trainer._load_from_checkpoint = lambda resume_from_checkpoint, model_arg=None: load_trainer_checkpoint(
+        state_hooks(model), resume_from_checkpoint,
+        lambda: original_load_checkpoint(resume_from_checkpoint, model_arg))
+    trainer._load_best_model = lambda: load_trainer_checkpoint(
+        state_hooks(model), trainer.state.best_model_checkpoint, original_load_best)
     _install_atomic_checkpoints(trainer)
 
 
