@@ -10,7 +10,7 @@ import torch
 from hf_hetermoe import cli, launch
 from hf_hetermoe.cli import Gpu
 from hf_hetermoe.config import HeterMoEConfig
-from hf_hetermoe.launch import check_attention_ranks_first
+from hf_hetermoe.launch import check_attention_ranks_first, planned_facts
 from hf_hetermoe.recipes import recipe_path
 
 V100, A100, H100 = ("Tesla V100-SXM2-32GB", (7, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100", (9, 0))
@@ -123,6 +123,9 @@ def test_every_rank_refuses_attention_off_local_rank_0_on_gpus(monkeypatch):
     """Ranks started by plain `accelerate launch` (no GPU ordering) fail alike, before any group is built."""
     monkeypatch.setattr(launch, "_device", lambda local_rank: torch.device("cuda", local_rank))
     monkeypatch.setattr(launch, "connect_store", lambda **kwargs: object())
+    monkeypatch.setattr(launch, "_capability", lambda device: (8, 0))
+    # What the four ranks of one machine report (launch_facts.py); the check reads machines from these facts.
+    monkeypatch.setattr(launch.launch_facts, "exchange_facts", lambda store, mine, world, timeout: planned_facts([4]))
     monkeypatch.setattr(launch, "_start_health", lambda *args: pytest.fail("got past the check"))
     for name, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                         "MASTER_PORT": "29500"}.items():
