@@ -407,4 +407,8 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this `__main__` copy: the script looks up the running job
+    # (`hf_hetermoe.prepare` calls `hf_hetermoe.launch.job()`), which must be the one `main` registers.
+    from hf_hetermoe.launch import main as _main
+
+    _main()

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.unwrap_model(model).save_pretrained(
         final, is_main_process=accelerator.is_main_process, state_dict=accelerator.get_state_dict(model))
     results = {"losses": losses, "grad_norms": grad_norms, "world": accelerator.num_processes}
+    if not args.stock:  # where the experts live (expert ranks under `hetermoe launch`, else this world's ranks)
+        import hf_hetermoe
+
+        results["experts"] = hf_hetermoe.get_engine(accelerator.unwrap_model(model)).placement.describe()
     if accelerator.is_main_process and args.results_file:
         with open(args.results_file, "w") as fh:
             json.dump(results, fh)
