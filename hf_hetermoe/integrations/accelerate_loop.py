@@ -193,10 +193,14 @@ class _Loop:
         def load_state(input_dir=None, *args, **kwargs):
             folders: list[str] = []  # the folder accelerate resolves (automatic checkpoint naming included)
             handle = acc.register_load_state_pre_hook(lambda models, folder: folders.append(folder))
+            # safetensors' load_model reads model.state_dict() first (for its key check): gather the experts now,
+            # on every attention rank, since attention ranks that hold experts must all take part.
+            hooks.gather_for_save()
             try:
                 out = stock["load_state"](input_dir, *args, **kwargs)
             finally:
                 handle.remove()
+                hooks.drop_cache()
             load_expert_optimizer(state, folders[0])
             return out
 
