@@ -37,8 +37,7 @@ class RankFacts:
                            "local_rank": self.local_rank, "capability": list(self.capability)})
 
     @classmethod
-    def from_json(cls, text: str) -> "RankFacts":
-        data = json.loads(text)
+    def from_dict(cls, data: dict) -> "RankFacts":
         return cls(rank=data["rank"], machine=data["machine"], host=data["host"], local_rank=data["local_rank"],
                    capability=tuple(data["capability"]))
 
@@ -78,27 +77,28 @@ def exchange_facts(store: Any, mine: RankFacts, world_size: int, timeout_s: floa
     store.set(_KEY.format(rank=mine.rank), mine.to_json())
     keys = [_KEY.format(rank=r) for r in range(world_size)]
     deadline = time.monotonic() + timeout_s
+    known: dict[int, dict] = {}  # each key is read once, when it appears (W ranks poll W keys each)
     while True:
-        present = [r for r in range(world_size) if store.check([keys[r]])]
-        failed = [r for r in present if r != mine.rank and "error" in json.loads(store.get(keys[r]))]
-        if failed:
-            message = json.loads(store.get(keys[failed[0]]))["error"]
-            raise ValueError(f"hetermoe: rank {failed[0]} failed before the job started: {message}")
-        if len(present) == world_size:
+        for r in range(world_size):
+            if r not in known and store.check([keys[r]]):
+                known[r] = json.loads(store.get(keys[r]))
+                if "error" in known[r] and r != mine.rank:
+                    raise ValueError(f"hetermoe: rank {r} failed before the job started: {known[r]['error']}")
+        if len(known) == world_size:
             break
         if time.monotonic() > deadline:
-            missing = sorted(set(range(world_size)) - set(present))
+            missing = sorted(set(range(world_size)) - set(known))
             raise ValueError(
                 f"hetermoe: rank(s) {missing} did not report within {timeout_s:.0f} s. Start every machine's "
                 "launcher (same --num-machines, --main-process-ip and --main-process-port), or raise `timeout_s`.")
         time.sleep(_POLL_S)
-    facts = [RankFacts.from_json(store.get(k)) for k in keys]
+    facts = [RankFacts.from_dict(known[r]) for r in range(world_size)]
     return number_machines(facts)
 
 
 def number_machines(facts: list[RankFacts]) -> list[RankFacts]:
-    """Fill in machines the launcher did not name: ranks without a machine rank are grouped by host, numbered in
-    order of their lowest rank after the machines that have one."""
+    """Fill in machines no launcher named (processes started without GROUP_RANK, e.g. by hand): ranks are grouped
+    by host, machines numbered in order of their lowest rank."""
     if all(f.machine >= 0 for f in facts):
         return facts
     if any(f.machine >= 0 for f in facts):

@@ -66,9 +66,9 @@ def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
     else:
         config = config or HeterMoEConfig(mode="colocated")
         groups = default_groups(config, accelerator.device)
+    group_of = _expert_groups(model, optimizer)  # before patching: a refused optimizer leaves the model stock
     engine = apply_hetermoe(model, config, groups)
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP: HeterMoE averages gradients itself
-    group_of = _expert_groups(model, optimizer)
     optimizer = accelerator.prepare_optimizer(optimizer)
     check_grad_scaler(getattr(accelerator, "scaler", None))
     engine.state.setup_optimizer(optimizer, group_of)
@@ -89,14 +89,17 @@ def _check_accelerator(accelerator: Any, model: torch.nn.Module) -> None:
 
 
 def _expert_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """The optimizer param group of each fused expert tensor: the group that holds its stock parameter (kept by
-    the patched model with its storage released), so the experts get exactly the stock hyperparameters."""
-    from ..block import HeterMoEExperts
+    """The optimizer param group of each fused expert tensor: the group that holds its stock parameter in the
+    first MoE layer (every layer's experts share the groups' rules), so the experts get the stock hyperparameters."""
+    from model_patches import get_family
 
-    stand_in = next(m for m in model.modules() if isinstance(m, HeterMoEExperts))
+    family = get_family(getattr(model.config, "model_type", None))
+    slots = family.experts_slots(model)
+    if not slots:
+        raise ValueError(f"hetermoe: found no routed-experts modules ({family.experts_class.__name__}) in the model.")
     index_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
     out = {}
-    for name, param in stand_in._original_experts.named_parameters():
+    for name, param in model.get_submodule(slots[0].path).named_parameters():
         if id(param) not in index_of:
             raise ValueError(
                 f"hetermoe: the optimizer does not hold the experts' `{name}`; build it over model.parameters() (or "
