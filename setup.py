@@ -29,7 +29,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        # trl, peft and tensorboard: the fine-tuning golden tests (SFTTrainer, LoRA, report_to="tensorboard").
+        "test": ["pytest", "hypothesis", "trl>=1.16", "peft>=0.21", "tensorboard"],
     },
     entry_points={"console_scripts": ["hetermoe=hf_hetermoe.cli:main"]},
 )

@@ -155,6 +155,7 @@ class ExpertServer:
         leader = self.groups.leader
         if isinstance(cmd, cmds.Setup):
             self.setup(cmd.config)
+            self.shard.freeze(cmd.frozen)
             return
         if self.shard is None:
             raise RuntimeError(f"hetermoe: expert rank {self.groups.rank} got {type(cmd).__name__} before any model "

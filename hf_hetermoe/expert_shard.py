@@ -126,6 +126,17 @@ class ExpertShard:
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, _, p in self.named_parameters()]
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The shard's parameters that train (frozen experts, e.g. under PEFT, have requires_grad=False)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def freeze(self, frozen: bool) -> None:
+        """Frozen routed experts (the model's expert tensors had requires_grad=False when it was patched, e.g. a
+        PEFT base model): they get no gradient, no optimizer state and nothing in the global norm; input gradients
+        still flow through them."""
+        for p in self.parameters():
+            p.requires_grad_(not frozen)
+
     def local_weights(self) -> dict[str, torch.Tensor]:
         """This rank's `(n, ...)` slice of every fused expert tensor, keyed by `ExpertTensorKey.weight`."""
         return {ExpertTensorKey.weight(layer, name).encode(): p.detach() for layer, name, p in self.named_parameters()}
@@ -246,7 +257,7 @@ class ExpertShard:
         first_call = not self._grads_prepared
         if not self._grads_prepared:
             factor = unscale / self.num_replicas
-            for p in self.parameters():
+            for p in self.trainable_parameters():
                 if p.grad is None:
                     # Stock fused expert tensors always get a gradient (zeros for unused experts), and optimizers
                     # such as AdamW still decay and update momentum for them; keep that.
@@ -255,7 +266,7 @@ class ExpertShard:
                     p.grad.mul_(factor)
             self._grads_prepared = True
         total = torch.zeros((), dtype=torch.float64)
-        for p in self.parameters():
+        for p in self.trainable_parameters():
             total += p.grad.detach().double().pow(2).sum().cpu()
         if self.check_finite and first_call:  # once per step; scans gradients only if `total` is not finite
             self.finite.end_step(float(total), self)
@@ -270,24 +281,28 @@ class ExpertShard:
 
         param_groups = []
         for group in groups:
-            params = [p for _, name, p in self.named_parameters() if name in group["params"]]
+            # Frozen experts take no optimizer state (as the Trainer leaves requires_grad=False parameters out).
+            params = [p for _, name, p in self.named_parameters() if name in group["params"] and p.requires_grad]
             param_groups.append({"params": params, **typed(group["hyperparams"])})
         placed = sum(len(g["params"]) for g in param_groups)
-        if placed != len(self.parameters()):
+        if placed != len(self.trainable_parameters()):
             raise RuntimeError(f"hetermoe: expert rank {self.rank}: optimizer groups cover {placed} of "
-                               f"{len(self.parameters())} expert tensors.")
+                               f"{len(self.trainable_parameters())} trainable expert tensors.")
+        if not placed:
+            self.optimizer, self._group_lr_index = None, []  # every expert here is frozen: nothing to step
+            return
         self.optimizer = cls([g for g in param_groups if g["params"]], **typed(groups[0]["hyperparams"]))
         self._group_lr_index = [i for i, g in enumerate(param_groups) if g["params"]]
 
     def step(self, *, lrs: list[float], clip_coef: float, skipped: bool) -> None:
         self.prepare_grads()
-        if not skipped:
+        if not skipped and self.trainable_parameters():
             if self.optimizer is None:
                 raise RuntimeError(
                     f"hetermoe: expert rank {self.rank} was asked to step before its optimizer was set up."
                 )
             if clip_coef != 1.0:
-                torch._foreach_mul_([p.grad for p in self.parameters()], clip_coef)
+                torch._foreach_mul_([p.grad for p in self.trainable_parameters()], clip_coef)
             for group, lr_index in zip(self.optimizer.param_groups, self._group_lr_index):
                 group["lr"] = lrs[lr_index]
             self.optimizer.step()
@@ -312,6 +327,8 @@ class ExpertShard:
         return out
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.optimizer is None and not self.trainable_parameters():
+            return  # every expert here is frozen: no optimizer, no state
         if self.optimizer is None:
             raise RuntimeError(f"hetermoe: expert rank {self.rank} has no optimizer to load state into.")
         index_of_tensor = {(layer, name): i for i, (layer, name, _) in enumerate(self.named_parameters())}

@@ -68,6 +68,9 @@ class ExpertState:
         self.optimizer_groups: list[int] = []  # Trainer param-group index of each expert param group, in order
         # Bumped whenever the expert weights change (a step or a load): checkpoint caches compare it.
         self.weights_version = 0
+        # The routed experts do not train (requires_grad=False when the model was patched; every holder's shard
+        # is frozen too): no gradients, no optimizer state, nothing in the global norm.
+        self.frozen = False
 
     @property
     def has_servers(self) -> bool:

@@ -42,8 +42,63 @@ _HOOKS_ATTR = "_hetermoe_state_hooks"
 _RUNNER_ATTR = "_hetermoe_zebra_runner"
 
 
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT's wrappers (PeftModel -> LoraModel -> model), or `model` itself.
+
+    HeterMoE patches, hooks and reverts that model; its MoE blocks, config and `base_model` are the stock ones."""
+    import sys
+
+    if "peft" not in sys.modules:  # nothing can be wrapped by PEFT unless it was imported
+        return model
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    while True:
+        if isinstance(model, PeftModel):
+            model = model.base_model
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model
+
+
 def get_engine(model: nn.Module) -> HeterMoEEngine | None:
-    return model.__dict__.get(_ENGINE_ATTR)
+    return unwrap_adapters(model).__dict__.get(_ENGINE_ATTR)
+
+
+def _refuse_adapters_on_experts(model: nn.Module, slot_paths: list[str]) -> None:
+    """PEFT adapters on the routed experts (LoRA's `target_parameters` on fused 3-D expert tensors) would run on the
+    attention ranks, where the experts are not: refused before anything is patched."""
+    import sys
+
+    if "peft" not in sys.modules:
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = sorted({name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)
+                      and any(path == name or path.startswith(name + ".") for path in slot_paths)})
+    if wrapped:
+        raise ValueError(
+            f"hetermoe: a PEFT adapter wraps the routed experts ({', '.join(wrapped[:3])}"
+            f"{', ...' if len(wrapped) > 3 else ''}), e.g. LoRA `target_parameters` on the fused expert tensors; "
+            "HeterMoE holds the routed experts on other ranks and cannot train adapters on them. What works: LoRA "
+            "on attention and router modules (`target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate']`) "
+            "with the experts frozen, or full fine-tuning of the experts without an adapter on them."
+        )
+
+
+def _experts_frozen(model: nn.Module, family, slots) -> bool:
+    """True when every routed expert tensor has requires_grad=False (whatever froze them: PEFT's frozen base model,
+    or the user); False when all train. Read once, when the model is patched."""
+    flags = {getattr(model.get_submodule(slot.path), name).requires_grad
+             for slot in slots for name in family.expert_param_names}
+    if len(flags) > 1:
+        raise ValueError(
+            "hetermoe: some routed expert tensors have requires_grad=False and others do not; HeterMoE trains or "
+            "freezes all routed experts together. Freeze all of them (e.g. `p.requires_grad_(False)` for every "
+            "parameter under `.mlp.experts.`) or none, before the Trainer is built."
+        )
+    return flags == {False}
 
 
 def default_groups(config: HeterMoEConfig, device: torch.device | None = None) -> HeterMoEGroups:
@@ -149,6 +204,8 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     existing = get_engine(model)
     if existing is not None:
         return existing
+    # Under PEFT the Trainer holds the PeftModel; the patch, hooks and engine go on the transformers model inside.
+    model = unwrap_adapters(model)
     check_versions()
     config = config or HeterMoEConfig(mode="colocated")
     groups = groups or default_groups(config)
@@ -161,6 +218,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
     _refuse_transformers_expert_parallel(model)
 
     slots = family.experts_slots(model)
+    _refuse_adapters_on_experts(model, [slot.path for slot in slots])
     if not slots:
         raise ValueError(f"hetermoe: found no routed-experts modules ({family.experts_class.__name__}) in the model.")
     if sorted(s.layer for s in slots) != list(family.moe_layers(model.config)):
@@ -180,6 +238,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         config, layers=family.moe_layers(model.config), num_experts=family.num_experts(model.config),
         topology=groups.topology, offloads=offloads,
     )
+    frozen = _experts_frozen(model, family, slots)
     first = model.get_submodule(slots[0].path)
     dtype = getattr(first, family.expert_param_names[0]).dtype
     bytes_per_expert = sum(getattr(first, n)[0].numel() * getattr(first, n).element_size()
@@ -201,6 +260,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             dtype=dtype, num_replicas=groups.topology.num_attention, allocate=False,
         )
         shard.check_finite = config.check_finite
+        shard.freeze(frozen)
 
     engine = HeterMoEEngine(
         groups=groups, config=config, family=family, model_config=model.config, placement=placement, shard=shard,
@@ -213,7 +273,8 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
             expert_recompute=config.zebra.expert_recompute, emulation=config.emulation,
             check_finite=config.check_finite,
         )
-        engine.command(protocol.Setup(config=payload))
+        engine.command(protocol.Setup(config=payload, frozen=frozen))
+    engine.state.frozen = frozen
 
     # Layer by layer, in ascending order (the order the servers receive in): send each server its experts (views,
     # no copy here), then tensor by tensor take this rank's experts and release the full tensor, so setup needs
@@ -263,7 +324,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
 
 
 def state_hooks(model: nn.Module) -> ExpertStateHooks:
-    return model.__dict__[_HOOKS_ATTR]
+    return unwrap_adapters(model).__dict__[_HOOKS_ATTR]
 
 
 def gather_expert_weights(model: nn.Module) -> dict | None:
@@ -274,11 +335,14 @@ def gather_expert_weights(model: nn.Module) -> dict | None:
 def revert_hetermoe(model: nn.Module) -> nn.Module:
     """Undo `apply_hetermoe`: put the stock experts modules back, holding the current (trained) weights.
 
-    A collective over the attention ranks: every attention rank calls it and ends with the full model.
+    A collective over the attention ranks: every attention rank calls it and ends with the full model. Returns the
+    model it was given (a PEFT wrapper stays a wrapper, so `merge_and_unload()` works on the result).
     """
+    wrapper = model
+    model = unwrap_adapters(model)
     engine = get_engine(model)
     if engine is None:
-        return model
+        return wrapper
     full = engine.state.gather_expert_weights(collective=True)
     group = engine.groups.attention
     if group is not None:
@@ -308,5 +372,5 @@ def revert_hetermoe(model: nn.Module) -> nn.Module:
     engine.remove_model_hooks()
     del model.__dict__[_ENGINE_ATTR]
     del model.__dict__[_HOOKS_ATTR]
-    return model
+    return wrapper
 

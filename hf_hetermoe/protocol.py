@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = 0x4845544552  # "HETER"
 NUM_INTS = 10
 NUM_FLOATS = 6
@@ -47,10 +47,12 @@ class Command:
 @dataclass(frozen=True)
 class Setup(Command):
     """A model was patched: `config` holds the model config and placement (`expert_server.build_setup_payload`);
-    the server's expert weights follow, one tensor dict per layer it holds experts of, in ascending layer order."""
+    the server's expert weights follow, one tensor dict per layer it holds experts of, in ascending layer order.
+    `frozen`: the routed experts do not train (requires_grad=False in the model, e.g. a PEFT base model)."""
 
     OP: ClassVar[int] = 1
     config: dict = field(default_factory=dict)
+    frozen: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from hf_hetermoe import protocol as p
 
 EXAMPLES = [
     p.Setup(config={"model_type": "mixtral", "placement": {"owner": {"0": [1, 2]}}, "dtype": "torch.float32"}),
+    p.Setup(config={"model_type": "mixtral"}, frozen=True),
     p.Forward(layer=3, stripe=1, session=12345678901, keep=True, autocast=torch.bfloat16, row_dtype=torch.float32,
               seq_len=8192),
     p.Forward(layer=0, stripe=0, session=1, keep=False, autocast=None, row_dtype=torch.float16, seq_len=1),

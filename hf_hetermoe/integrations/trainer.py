@@ -1,9 +1,10 @@
 """HeterMoECallback: makes a stock `transformers.Trainer` train a HeterMoE model with stock meaning.
 
 What it does, and when (the Trainer's own order):
-- `on_init_end` (before the optimizer exists): patch the model (`apply_hetermoe`), prepare it with Accelerate
-  without DDP (HeterMoE averages attention gradients itself), and install the Trainer overrides
-  (integrations/trainer_overrides.py: gradient norm, save and load steps cover the experts; atomic checkpoints).
+- `on_init_end` (before the optimizer exists): patch the model (`apply_hetermoe`; through PEFT wrappers), make
+  the Trainer's Accelerator prepare it without DDP when training starts (HeterMoE averages attention gradients
+  itself), and install the Trainer overrides (integrations/trainer_overrides.py: gradient norm, save and load
+  steps cover the experts; atomic checkpoints).
 - `_load_optimizer_and_scheduler` (resume) and `on_train_begin`: give the experts an optimizer of the Trainer's
   class and hyperparameters, and restore its state from the checkpoint.
 - gradient clipping: the norm is global over attention and expert gradients of all ranks.
@@ -27,9 +28,9 @@ from ..block import HeterMoEExperts
 from ..config import HeterMoEConfig
 from ..engine import HeterMoEEngine
 from ..groups import HeterMoEGroups
-from ..patching import apply_hetermoe
+from ..patching import apply_hetermoe, get_engine
 from ..versions import check_versions
-from .trainer_overrides import check_trainer_overrides, install_trainer_overrides
+from .trainer_overrides import check_trainer_overrides, install_accelerator_overrides, install_trainer_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,12 @@ class HeterMoECallback(TrainerCallback):
             logger.warning("hetermoe: ddp_find_unused_parameters has no effect (HeterMoE does not use DDP).")
         config = self.config or HeterMoEConfig(mode="colocated")
         self.engine = apply_hetermoe(model, config, self.groups, workload=_workload(trainer, config, self.groups))
-        # Device placement and mixed-precision autocast as Accelerate gives every model, but no DDP wrapper:
-        # HeterMoE averages the attention gradients itself (expert gradients must not be all-reduced).
-        trainer.accelerator.prepare_model(model, evaluation_mode=True)
+        # Not prepared here: the Trainer's Accelerator prepares the model when training (or evaluation) starts, as
+        # for stock training, so the autocast wraps the `forward` the model has then. A trainer that replaces
+        # `forward` after its __init__ (TRL's SFTTrainer adds its fused LM head) would otherwise drop the autocast
+        # (mixed precision silently off) while Accelerate skips the already prepared model. Prepared without the
+        # DDP wrapper: HeterMoE averages the attention gradients itself (expert gradients must not be all-reduced).
+        install_accelerator_overrides(trainer, is_hetermoe_model=lambda m: get_engine(m) is self.engine)
         install_trainer_overrides(
             trainer, model=model, state=self.engine.state, setup_expert_optimizer=self._setup_expert_optimizer
         )

@@ -154,7 +154,8 @@ def install_trainer_overrides(
         original_load_optim(checkpoint)
         if checkpoint is not None:
             setup_expert_optimizer(trainer.optimizer)
-            load_expert_optimizer(state, checkpoint)
+            if not state.frozen:  # frozen experts have no optimizer state to restore
+                load_expert_optimizer(state, checkpoint)
 
     trainer._clip_grad_norm = clip_grad_norm
     trainer._get_grad_norm = get_grad_norm
@@ -222,3 +223,52 @@ def _install_atomic_checkpoints(trainer: Trainer) -> None:
                                           best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=True)
 
     trainer._save_checkpoint = save_checkpoint
+
+
+# ---- the Trainer's Accelerator ----------------------------------------------------------------------------------
+ACCELERATOR_OVERRIDES: tuple[Override, ...] = (
+    Override("prepare_model", ("model", "device_placement", "evaluation_mode"),
+             "the Trainer's Accelerator must prepare a HeterMoE model itself, when training or evaluation starts "
+             "(device placement, the mixed-precision autocast around whatever `forward` the model has by then, e.g. "
+             "TRL's fused LM head), but never wrap it in DDP: HeterMoE averages the attention gradients itself and "
+             "expert gradients must not be all-reduced. Accelerate has no option to skip DDP for one model, and "
+             "`Accelerator.prepare` calls this method for every module it gets"),
+)
+
+
+def check_accelerator_overrides(accelerator_cls: type) -> None:
+    """Raise RuntimeError naming every listed Accelerator method that is missing or whose parameters changed."""
+    problems = []
+    for override in ACCELERATOR_OVERRIDES:
+        method = getattr(accelerator_cls, override.name, None)
+        if not callable(method):
+            problems.append(f"{accelerator_cls.__name__}.{override.name} is missing")
+            continue
+        problem = _signature_problem(method, override.params)
+        if problem is not None:
+            problems.append(f"{accelerator_cls.__name__}.{override.name} {problem}")
+    if problems:
+        import accelerate
+
+        raise RuntimeError(
+            "hetermoe: the Accelerator does not have the methods HeterMoE replaces, as HeterMoE expects them: "
+            + "; ".join(problems)
+            + f". Installed accelerate {accelerate.__version__}; hf-hetermoe supports accelerate "
+            f"{SUPPORTED['accelerate']} (pip install 'accelerate{SUPPORTED['accelerate']}')."
+        )
+
+
+def install_accelerator_overrides(trainer: Trainer, *, is_hetermoe_model: Callable[[torch.nn.Module], bool]) -> None:
+    """Replace every method of `ACCELERATOR_OVERRIDES` on this Trainer's Accelerator instance (the class and other
+    Accelerators stay stock): a model for which `is_hetermoe_model` is true is prepared in evaluation mode
+    (placement and autocast, no DDP wrapper); any other model as Accelerate would."""
+    accelerator = trainer.accelerator
+    check_accelerator_overrides(type(accelerator))
+    original_prepare_model = accelerator.prepare_model
+
+    def prepare_model(model, device_placement=None, evaluation_mode=False):
+        if is_hetermoe_model(model):
+            evaluation_mode = True
+        return original_prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    accelerator.prepare_model = prepare_model
