@@ -227,7 +227,8 @@ def launch_command(config_path: str, num_processes: int, script: str, script_arg
         endpoint = f"{layout.main_process_ip}:{layout.main_process_port}"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(layout.per_machine)),
-            "--nproc-per-node", str(layout.local), "--node-rank", str(layout.machine_rank),
+            # No --node-rank: c10d ignores it (ranks follow join order); HETERMOE_MACHINE_RANK names the machine.
+            "--nproc-per-node", str(layout.local),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", f"hetermoe-{layout.main_process_port}",
             # Machine 0 hosts the rendezvous store; the others connect to it (on one host, too).
             "--rdzv-conf", f"is_host={str(layout.machine_rank == 0).lower()}", "--max-restarts", "0", *ours,
