@@ -57,6 +57,7 @@ def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
     from ..launch import job
 
     _check_accelerator(accelerator, model)
+    group_of = _expert_groups(model, optimizer)  # first: a refused optimizer leaves the model stock, no groups built
     if isinstance(config, str):
         config = HeterMoEConfig.from_yaml(config)
     launched = job()
@@ -66,7 +67,6 @@ def prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Opt
     else:
         config = config or HeterMoEConfig(mode="colocated")
         groups = default_groups(config, accelerator.device)
-    group_of = _expert_groups(model, optimizer)  # before patching: a refused optimizer leaves the model stock
     engine = apply_hetermoe(model, config, groups)
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP: HeterMoE averages gradients itself
     optimizer = accelerator.prepare_optimizer(optimizer)
