@@ -12,6 +12,7 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .config import HeterMoEConfig, Topology, ZebraConfig
+    from .integrations.accelerate_loop import prepare
     from .integrations.trainer import HeterMoECallback
     from .patching import apply_hetermoe, gather_expert_weights, get_engine, revert_hetermoe
 
@@ -23,6 +24,7 @@ __all__ = [
     "apply_hetermoe",
     "gather_expert_weights",
     "get_engine",
+    "prepare",
     "revert_hetermoe",
     "__version__",
 ]
@@ -33,6 +35,8 @@ def __getattr__(name: str) -> Any:
         from . import config as module
     elif name == "HeterMoECallback":
         from .integrations import trainer as module
+    elif name == "prepare":
+        from .integrations import accelerate_loop as module
     elif name in ("apply_hetermoe", "gather_expert_weights", "get_engine", "revert_hetermoe"):
         from . import patching as module
     else:

@@ -4,6 +4,7 @@ A config file looks like::
 
     attention_ranks: [0, 1]      # global ranks, or "auto" (ranks on the newest devices)
     expert_ranks: [2, 3]         # default: every rank not listed as attention
+    attention_machines: [0]      # or name roles per machine (--machine-rank); expert_machines: default the rest
     mode: disaggregated          # or colocated (every rank runs attention and holds 1/W of the experts)
     zebra: {microbatches: 2}     # R: stripes per micro-batch (default 2 disaggregated, 1 colocated)
     asym_ea: off                 # off | auto | {layer: experts moved per expert rank}
@@ -115,6 +116,9 @@ class HeterMoEConfig:
 
     attention_ranks: tuple[int, ...] | str | None = None  # None: "auto" when disaggregated, all when colocated
     expert_ranks: tuple[int, ...] | None = None
+    # Roles per machine (a launcher's --machine-rank) instead of per rank: every rank of these machines.
+    attention_machines: tuple[int, ...] | None = None
+    expert_machines: tuple[int, ...] | None = None
     mode: str = "disaggregated"
     zebra: ZebraConfig = field(default_factory=ZebraConfig)
     asym_ea: str | dict[int, int] = "off"
@@ -181,6 +185,8 @@ class HeterMoEConfig:
         return {
             "attention_ranks": list(att) if isinstance(att, tuple) else att,
             "expert_ranks": list(self.expert_ranks) if self.expert_ranks is not None else None,
+            "attention_machines": list(self.attention_machines) if self.attention_machines is not None else None,
+            "expert_machines": list(self.expert_machines) if self.expert_machines is not None else None,
             "mode": self.mode,
             "zebra": {k: v for k, v in (("microbatches", self.zebra.microbatches),
                                         ("expert_recompute", self.zebra.expert_recompute)) if v is not None},
@@ -241,6 +247,8 @@ class HeterMoEConfig:
                     "List each rank once: it is an attention rank or an expert rank in disaggregated mode.",
                 )
 
+        out.update(_validate_machines(data, mode, att, exp))
+
         zebra = data.get("zebra")
         out["zebra"] = zebra = zebra if isinstance(zebra, ZebraConfig) else ZebraConfig.from_dict(zebra)
         if mode == "colocated" and zebra.expert_recompute:
@@ -276,17 +284,26 @@ class HeterMoEConfig:
     @property
     def uses_auto_roles(self) -> bool:
         """Roles come from each rank's device generation (newest -> attention), known only at launch."""
-        return self.mode == "disaggregated" and self.expert_ranks is None and self.attention_ranks in (None, "auto")
+        return (self.mode == "disaggregated" and self.expert_ranks is None and self.attention_ranks in (None, "auto")
+                and not self.uses_machine_roles)
 
-    def resolve_topology(self, world_size: int, device_capabilities: list[tuple[int, int]] | None = None) -> Topology:
+    @property
+    def uses_machine_roles(self) -> bool:
+        """Roles are named per machine (`attention_machines` / `expert_machines`), known only at launch."""
+        return self.attention_machines is not None or self.expert_machines is not None
+
+    def resolve_topology(self, world_size: int, device_capabilities: list[tuple[int, int]] | None = None,
+                         rank_machines: list[int] | None = None) -> Topology:
         """Decide each rank's role for `world_size` processes (topology.resolve_topology).
 
         `device_capabilities[r]` is rank r's device generation (CUDA compute capability); it is only needed for
-        `attention_ranks: auto`, which picks the ranks on the newest devices.
+        `attention_ranks: auto`, which picks the ranks on the newest devices. `rank_machines[r]` is rank r's
+        machine; it is only needed for `attention_machines` / `expert_machines`.
         """
         return resolve_topology(world_size=world_size, mode=self.mode, attention_ranks=self.attention_ranks,
                                 expert_ranks=self.expert_ranks, emulation=self.emulation,
-                                device_capabilities=device_capabilities)
+                                device_capabilities=device_capabilities, attention_machines=self.attention_machines,
+                                expert_machines=self.expert_machines, rank_machines=rank_machines)
 
     # ---- stage 3: plus the model --------------------------------------------------------------------
     def check_model(self, model_config: Any, topology: Topology) -> None:
@@ -368,6 +385,35 @@ class _StrictLoader(yaml.SafeLoader):
 def _first_lines(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _validate_machines(data: dict[str, Any], mode: str, att: Any, exp: Any) -> dict[str, Any]:
+    """`attention_machines` / `expert_machines`: roles per machine, instead of (never with) roles per rank."""
+    out: dict[str, Any] = {}
+    for name in ("attention_machines", "expert_machines"):
+        value = data.get(name)
+        if value is not None:
+            if not isinstance(value, (list, tuple)):
+                raise _fail(name, f"must be a list of machine ranks, got {_show(value)}", f"Write e.g. `{name}: [0]`.")
+            value = _as_rank_list(name, value)
+        out[name] = value
+    att_m, exp_m = out["attention_machines"], out["expert_machines"]
+    if att_m is None and exp_m is None:
+        return out
+    if mode == "colocated":
+        raise _fail("attention_machines" if att_m is not None else "expert_machines",
+                    "is set in colocated mode, where every rank runs attention and holds experts",
+                    "Remove it, or use `mode: disaggregated`.")
+    if att is not None or exp is not None:
+        raise _fail("attention_machines" if att_m is not None else "expert_machines",
+                    "is set together with `attention_ranks`/`expert_ranks`",
+                    "Name roles either per machine or per rank, not both.")
+    if att_m is not None and exp_m is not None:
+        both = sorted(set(att_m) & set(exp_m))
+        if both:
+            raise _fail("expert_machines", f"overlaps attention_machines on machine(s) {_show(both)}",
+                        "List each machine once: its ranks run attention or serve experts.")
+    return out
 
 
 def _validate_asym_ea(value: Any) -> str | dict[int, int]:

@@ -3,7 +3,9 @@
 Started by `accelerate launch` / torchrun (or `hetermoe launch`, which fills in those arguments). Each process:
 1. reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and validates the config against the world
    (every rank does the same checks, so a bad config fails everywhere before any group waits);
-2. connects to the rendezvous store and builds the HeterMoE groups over all ranks (see docs/architecture.md);
+2. connects to the rendezvous store, reports its machine, host, local rank and GPU there and reads every rank's
+   (launch_facts.py): roles, and which ranks share a machine, come from these facts; then builds the HeterMoE
+   groups over all ranks (see docs/architecture.md);
 3. attention ranks rewrite RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE to the attention world and run the
    script with runpy, every `Trainer` it builds carrying a `HeterMoECallback`; at the end the leader tells the
    expert servers to stop (or why the job failed);
@@ -21,7 +23,6 @@ import argparse
 import contextlib
 import datetime
 import inspect
-import json
 import logging
 import os
 import runpy
@@ -38,6 +39,8 @@ from . import protocol
 from .control import CommandChannel
 from .groups import HeterMoEGroups
 from .health_monitor import HealthMonitor
+from . import launch_facts
+from .launch_facts import RankFacts
 from .versions import check_versions
 
 logger = logging.getLogger("hf_hetermoe.launch")
@@ -89,49 +92,71 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device generation every rank reports (CUDA compute capability); (0, 0) on CPU."""
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else (0, 0)
+
+
 def _uses_cpu(environ: "os._Environ[str] | dict[str, str]") -> bool:
     return environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
+def planned_facts(processes_per_machine: list[int]) -> list[RankFacts]:
+    """The facts a launch of these per-machine process counts will report, ranks numbered machine by machine
+    (what the launcher itself knows before any process starts; at run time every rank reports its own)."""
+    facts, rank = [], 0
+    for machine, count in enumerate(processes_per_machine):
+        for local in range(count):
+            facts.append(RankFacts(rank=rank, machine=machine, host=f"machine-{machine}", local_rank=local,
+                                   capability=(0, 0)))
+            rank += 1
+    return facts
+
+
 def check_attention_ranks_first(topology: Topology, local_world_size: int) -> None:
-    """On GPUs, the attention ranks of every node must be its first local ranks (0..k-1).
+    """`check_attention_first` for machines of `local_world_size` processes each, ranks numbered machine by
+    machine (one launch of equal machines)."""
+    if local_world_size < 1:
+        return
+    world = topology.world_size
+    counts = [min(local_world_size, world - first) for first in range(0, world, local_world_size)]
+    check_attention_first(topology, planned_facts(counts))
+
+
+def check_attention_first(topology: Topology, facts: list[RankFacts]) -> None:
+    """On GPUs, the attention ranks of every machine must be its first local ranks (0..k-1).
 
     There LOCAL_RANK stays the device index (Accelerate selects the GPU with it), so Accelerate's local main
     process (local rank 0: data set preprocessing first, logging) is an attention rank only if local rank 0 is
-    one; otherwise no process of the node is its local main. Raises ValueError with the fix, before any group."""
-    if topology.mode != "disaggregated" or local_world_size < 1:
+    one; otherwise no process of the machine is its local main. Machines come from what every rank reported
+    (launch_facts.py). Raises ValueError with the fix, before any group."""
+    if topology.mode != "disaggregated":
         return
-    for node in range(-(-topology.world_size // local_world_size)):
-        first = node * local_world_size
-        local = sorted(r - first for r in topology.attention_ranks if first <= r < first + local_world_size)
+    for machine in sorted({f.machine for f in facts}):
+        mine = sorted((f for f in facts if f.machine == machine), key=lambda f: f.local_rank)
+        local = sorted(f.local_rank for f in mine if topology.is_attention(f.rank))
         if local and local != list(range(len(local))):
-            size = min(local_world_size, topology.world_size - first)
-            order = local + [i for i in range(size) if i not in local]
-            wanted = [first + i for i in range(len(local))]
+            order = local + [f.local_rank for f in mine if f.local_rank not in local]
+            wanted = [f.rank for f in mine[: len(local)]]
             raise ValueError(
                 f"hetermoe config: `attention_ranks` {list(topology.attention_ranks)} puts the attention ranks of node "
-                f"{node} on its local ranks {local}, but on GPUs they must be the node's first local ranks: "
+                f"{machine} on its local ranks {local}, but on GPUs they must be the node's first local ranks: "
                 "Accelerate's local main process (local rank 0, which preprocesses data sets first and logs) must "
                 f"run the script. List `attention_ranks` as {wanted} on this node and order its GPUs attention first "
-                f"(CUDA_VISIBLE_DEVICES={','.join(map(str, order))}, in the node's current numbering), or use "
-                "`attention_ranks: auto` with `hetermoe launch`, which orders the GPUs newest first."
+                f"(CUDA_VISIBLE_DEVICES={','.join(map(str, order))}, in the node's current numbering), name roles per "
+                "machine (`attention_machines`), or use `attention_ranks: auto` with `hetermoe launch`, which orders "
+                "the GPUs newest first."
             )
 
 
-def _device_capabilities(store: dist.Store, rank: int, world_size: int, device: torch.device) -> list[tuple[int, int]]:
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-    store.set(f"hetermoe/capability/{rank}", json.dumps(cap))
-    return [tuple(json.loads(store.get(f"hetermoe/capability/{r}"))) for r in range(world_size)]
-
-
-def _rewrite_env_for_attention_world(topology: Topology, rank: int, device: torch.device) -> None:
-    """Make Accelerate and the Trainer see only the attention ranks."""
+def _rewrite_env_for_attention_world(topology: Topology, rank: int, device: torch.device,
+                                     facts: list[RankFacts]) -> None:
+    """Make Accelerate and the Trainer see only the attention ranks. The attention ranks of a machine are those
+    that reported it (launch_facts.py), whatever the machines' process counts."""
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         if name in os.environ:
             os.environ[_ENV_ORIGINAL + name] = os.environ[name]
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
-    node = rank // local_world
-    local_attention = [r for r in topology.attention_ranks if r // local_world == node]
+    local_attention = launch_facts.local_attention(facts, topology.attention_ranks, rank)
     os.environ["RANK"] = str(topology.attention_index(rank))
     os.environ["WORLD_SIZE"] = str(topology.num_attention)
     os.environ["LOCAL_WORLD_SIZE"] = str(len(local_attention))
@@ -171,6 +196,24 @@ def trainers_carry_callback(config: HeterMoEConfig, groups: HeterMoEGroups) -> I
         yield
     finally:
         Trainer.__init__ = original_init
+
+
+_JOB: list[tuple[HeterMoEConfig, HeterMoEGroups]] = []  # the job whose script runs now (attention ranks)
+
+
+@contextlib.contextmanager
+def current_job(config: HeterMoEConfig, groups: HeterMoEGroups) -> Iterator[None]:
+    """While active, `job()` returns this rank's config and groups (`hf_hetermoe.prepare` uses them)."""
+    _JOB.append((config, groups))
+    try:
+        yield
+    finally:
+        _JOB.pop()
+
+
+def job() -> tuple[HeterMoEConfig, HeterMoEGroups] | None:
+    """The config and groups of the HeterMoE job this attention rank's script runs in; None outside a launch."""
+    return _JOB[-1] if _JOB else None
 
 
 def run_script(script: str, args: list[str]) -> None:
@@ -219,20 +262,29 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
     rank = _env_int("RANK")
     world_size = _env_int("WORLD_SIZE")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = _device(local_rank)
-    if config.uses_auto_roles:
-        store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
-        caps = _device_capabilities(store, rank, world_size, device)
-        topology = config.resolve_topology(world_size, caps)
-    else:
-        topology = config.resolve_topology(world_size)  # ValueError here, before any group waits
-        store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
-    if device.type == "cuda":  # every rank resolved the same topology: all fail alike, before any group waits
-        check_attention_ranks_first(topology, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    if not (config.uses_auto_roles or config.uses_machine_roles):
+        config.resolve_topology(world_size)  # a config that cannot fit this world fails here, before any wait
+    store = connect_store(rank=rank, world_size=world_size, timeout_s=config.timeout_s)
+    try:
+        device = _device(local_rank)
+        capability = _capability(device)
+        mine = launch_facts.facts_of_this_process(rank, local_rank, capability)
+    except Exception as exc:
+        # The others wait for this rank's facts: tell them why it will not come, so they fail now, named.
+        launch_facts.report_failure(store, rank, f"{type(exc).__name__}: {exc}")
+        raise
+    facts = launch_facts.exchange_facts(store, mine, world_size, config.timeout_s)
+    # Every rank resolves the same topology from the same facts: all fail alike, before any group waits.
+    launch_facts.check_machines(facts)
+    topology = config.resolve_topology(
+        world_size, [f.capability for f in facts] if config.uses_auto_roles else None,
+        launch_facts.machine_ranks(facts) if config.uses_machine_roles else None)
+    if device.type == "cuda":
+        check_attention_first(topology, facts)
     monitor = _start_health(topology, rank, config.timeout_s)
     failed = True
     try:
-        _run_role(config, attention_main, store, topology, rank, device)
+        _run_role(config, attention_main, store, topology, rank, device, facts)
         failed = False
     except BaseException as exc:
         if monitor is not None:
@@ -254,12 +306,12 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
 
 
 def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store: dist.Store, topology: Topology,
-              rank: int, device: torch.device) -> None:
+              rank: int, device: torch.device, facts: list[RankFacts]) -> None:
     groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=config.timeout_s, device=device)
     succeeded = False
     try:
         if topology.is_attention(rank):
-            _run_attention(config, attention_main, groups)
+            _run_attention(config, attention_main, groups, facts)
         else:
             from .expert_server import serve
 
@@ -287,14 +339,15 @@ def shutdown_rank(groups: HeterMoEGroups) -> None:
     groups.shutdown()
 
 
-def _run_attention(config: HeterMoEConfig, attention_main: Callable[[], None], groups: HeterMoEGroups) -> None:
+def _run_attention(config: HeterMoEConfig, attention_main: Callable[[], None], groups: HeterMoEGroups,
+                   facts: list[RankFacts]) -> None:
     topology, rank, device = groups.topology, groups.rank, groups.device
     channel = CommandChannel(groups.control, rank=rank, leader=groups.leader, servers=topology.expert_ranks)
     if rank == groups.leader:
         logger.info("hetermoe: %s", topology.describe())
-    _rewrite_env_for_attention_world(topology, rank, device)
+    _rewrite_env_for_attention_world(topology, rank, device, facts)
     try:
-        with trainers_carry_callback(config, groups):
+        with trainers_carry_callback(config, groups), current_job(config, groups):
             attention_main()
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (None, 0):
@@ -354,4 +407,8 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module's main, not this `__main__` copy: the script looks up the running job
+    # (`hf_hetermoe.prepare` calls `hf_hetermoe.launch.job()`), which must be the one `main` registers.
+    from hf_hetermoe.launch import main as _main
+
+    _main()

@@ -53,11 +53,15 @@ class Topology:
 
 def resolve_topology(*, world_size: int, mode: str, attention_ranks: tuple[int, ...] | str | None,
                      expert_ranks: tuple[int, ...] | None, emulation: Any = None,
-                     device_capabilities: list[tuple[int, int]] | None = None) -> Topology:
+                     device_capabilities: list[tuple[int, int]] | None = None,
+                     attention_machines: tuple[int, ...] | None = None, expert_machines: tuple[int, ...] | None = None,
+                     rank_machines: list[int] | None = None) -> Topology:
     """Decide each rank's role for `world_size` processes (the fields of a validated HeterMoEConfig).
 
     `device_capabilities[r]` is rank r's device generation (CUDA compute capability); it is only needed for
-    `attention_ranks: auto`, which picks the ranks on the newest devices.
+    `attention_ranks: auto`, which picks the ranks on the newest devices. `rank_machines[r]` is rank r's machine
+    (the launcher's machine rank); it is only needed for roles named per machine (`attention_machines`,
+    `expert_machines`), which become the ranks of those machines.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(
@@ -88,6 +92,9 @@ def resolve_topology(*, world_size: int, mode: str, attention_ranks: tuple[int, 
         ranks = tuple(range(world_size))
         return Topology(world_size=world_size, mode="colocated", attention_ranks=ranks, expert_ranks=())
 
+    if attention_machines is not None or expert_machines is not None:
+        attention_ranks, expert_ranks = ranks_of_machines(world_size, attention_machines, expert_machines,
+                                                          rank_machines)
     att = attention_ranks
     if att is None or att == "auto":
         if expert_ranks is not None:
@@ -116,6 +123,44 @@ def resolve_topology(*, world_size: int, mode: str, attention_ranks: tuple[int, 
             f"Launch {len(covered)} processes or give every rank a role."
         )
     return Topology(world_size=world_size, mode="disaggregated", attention_ranks=tuple(att), expert_ranks=tuple(exp))
+
+
+def ranks_of_machines(world_size: int, attention_machines: tuple[int, ...] | None,
+                      expert_machines: tuple[int, ...] | None, rank_machines: list[int] | None,
+                      ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(attention ranks, expert ranks) from roles named per machine; a machine named in neither list takes the
+    role the config leaves over (expert when only `attention_machines` is given, and the other way round)."""
+    field_name = "attention_machines" if attention_machines is not None else "expert_machines"
+    if rank_machines is None:
+        raise _fail(field_name, "names roles per machine, which needs every rank's machine, and none was given",
+                    "Start the job with `hetermoe launch` (or torchrun / accelerate launch), which report it.")
+    if not isinstance(rank_machines, (list, tuple)) or len(rank_machines) != world_size:
+        raise ValueError(f"hetermoe: {_show(rank_machines)} does not give one machine per rank of the world of "
+                         f"{world_size}.")
+    machines = sorted(set(rank_machines))
+    for name, listed in (("attention_machines", attention_machines), ("expert_machines", expert_machines)):
+        bad = [m for m in listed or () if m not in machines]
+        if bad:
+            raise _fail(name, f"names machine(s) {_show(bad)}, but this job runs on machines {_show(machines)}",
+                        "Name machines by their --machine-rank (0 .. --num-machines - 1).")
+    if attention_machines is not None:
+        att = tuple(r for r in range(world_size) if rank_machines[r] in attention_machines)
+        exp_set = expert_machines if expert_machines is not None else [m for m in machines if m not in attention_machines]
+        exp = tuple(r for r in range(world_size) if rank_machines[r] in exp_set)
+    else:
+        exp = tuple(r for r in range(world_size) if rank_machines[r] in expert_machines)
+        att = tuple(r for r in range(world_size) if r not in exp)
+    if not att:
+        raise _fail(field_name, f"leaves no attention rank on machines {_show(machines)}",
+                    "Name at least one machine with attention ranks.")
+    if not exp:
+        raise _fail(field_name, f"leaves no expert rank on machines {_show(machines)}",
+                    "Leave at least one machine for the experts, or use `mode: colocated`.")
+    missing = [m for m in machines if not any(rank_machines[r] == m for r in att + exp)]
+    if missing:
+        raise _fail("expert_machines", f"and attention_machines give machine(s) {_show(missing)} no role",
+                    "Name every machine of the job in one of the two lists.")
+    return att, exp
 
 
 def auto_attention_ranks(world_size: int, caps: list[tuple[int, int]] | None) -> tuple[int, ...]:

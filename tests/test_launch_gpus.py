@@ -10,7 +10,7 @@ import torch
 from hf_hetermoe import cli, launch
 from hf_hetermoe.cli import Gpu
 from hf_hetermoe.config import HeterMoEConfig
-from hf_hetermoe.launch import check_attention_ranks_first
+from hf_hetermoe.launch import check_attention_ranks_first, planned_facts
 from hf_hetermoe.recipes import recipe_path
 
 V100, A100, H100 = ("Tesla V100-SXM2-32GB", (7, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0)), ("NVIDIA H100", (9, 0))
@@ -123,6 +123,9 @@ def test_every_rank_refuses_attention_off_local_rank_0_on_gpus(monkeypatch):
     """Ranks started by plain `accelerate launch` (no GPU ordering) fail alike, before any group is built."""
     monkeypatch.setattr(launch, "_device", lambda local_rank: torch.device("cuda", local_rank))
     monkeypatch.setattr(launch, "connect_store", lambda **kwargs: object())
+    monkeypatch.setattr(launch, "_capability", lambda device: (8, 0))
+    # What the four ranks of one machine report (launch_facts.py); the check reads machines from these facts.
+    monkeypatch.setattr(launch.launch_facts, "exchange_facts", lambda store, mine, world, timeout: planned_facts([4]))
     monkeypatch.setattr(launch, "_start_health", lambda *args: pytest.fail("got past the check"))
     for name, value in {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                         "MASTER_PORT": "29500"}.items():
@@ -139,3 +142,24 @@ def test_a_rank_beyond_the_visible_gpus_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set an invalid device"))
     with pytest.raises(ValueError, match=r"LOCAL_RANK 2, but 2 GPU\(s\) are visible.*at most 2 processes per node"):
         launch._device(2)
+
+
+def test_auto_across_machines_uses_every_ranks_reported_gpu(monkeypatch):
+    """Machine 0 has 2 H100s, machine 1 has 3 V100s (uneven); every rank reports its GPU, and `auto` picks the
+    H100 ranks. The facts, not rank arithmetic, also tell each attention rank its local world."""
+    from hf_hetermoe.launch_facts import RankFacts
+
+    facts = [RankFacts(r, 0 if r < 2 else 1, "h100-node" if r < 2 else "v100-node", r if r < 2 else r - 2,
+                       (9, 0) if r < 2 else (7, 0)) for r in range(5)]
+    seen = {}
+    monkeypatch.setattr(launch, "_device", lambda local_rank: torch.device("cuda", local_rank))
+    monkeypatch.setattr(launch, "connect_store", lambda **kwargs: object())
+    monkeypatch.setattr(launch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(launch.launch_facts, "exchange_facts", lambda store, mine, world, timeout: facts)
+    monkeypatch.setattr(launch, "_start_health", lambda *args: None)
+    monkeypatch.setattr(launch, "_run_role", lambda config, main, store, topology, *rest: seen.update(topology=topology))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    launch.run_rank(HeterMoEConfig.from_dict({"attention_ranks": "auto"}), lambda: None)
+    assert seen["topology"].attention_ranks == (0, 1) and seen["topology"].expert_ranks == (2, 3, 4)

@@ -1,0 +1,1 @@
+../hf_hetermoe/recipes/train_loop.py
