@@ -18,6 +18,7 @@ import torch
 
 from hf_hetermoe.transport import ExchangeKey
 from hf_hetermoe.expert_shard import ExpertShard
+from hf_hetermoe.grad_norm import to_host
 from hf_hetermoe.placement import ExpertPlacement
 from model_patches import get_family
 from transformers import MixtralConfig
@@ -49,10 +50,12 @@ def main() -> None:
         key = ExchangeKey(session=session, layer=0, stripe=0)
         shard.forward(key, x, experts, keep=True, autocast_dtype=None)
         shard.backward(key, dy)
-        shard.prepare_grads()
+        # The step's gradient work as a holder does it: norm parts, their one host copy, the finite report.
+        shard.end_grad_norm(to_host(shard.grad_norm_parts()))
         for p in shard.parameters():
             p.grad = None
         shard._grads_prepared = False
+        shard._finite_checked = False
         return time.perf_counter() - start
 
     times = {True: [], False: []}

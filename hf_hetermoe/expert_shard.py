@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .expert_keys import ExpertTensorKey
+from .grad_norm import local_norm
 from .instrumentation import DataPathObserver
 from .numerics import FiniteMonitor
 from .placement import ExpertPlacement
@@ -111,6 +112,7 @@ class ExpertShard:
         self.observer = DataPathObserver()  # the owner's instrumentation (timeline, device emulation)
         self.optimizer: torch.optim.Optimizer | None = None
         self._grads_prepared = False
+        self._finite_checked = False  # this step's finite report was made (with the norm, or at the step)
         # NaN/inf in expert outputs and gradients, reported per layer/expert/rank (numerics.py).
         self.check_finite = True
         self.finite = FiniteMonitor(rank)
@@ -125,6 +127,10 @@ class ExpertShard:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, _, p in self.named_parameters()]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The shard's parameters that train (frozen experts, e.g. under PEFT, have requires_grad=False)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def local_weights(self) -> dict[str, torch.Tensor]:
         """This rank's `(n, ...)` slice of every fused expert tensor, keyed by `ExpertTensorKey.weight`."""
@@ -241,25 +247,41 @@ class ExpertShard:
             del self.saved[stale]
 
     # ---- gradients and optimizer -------------------------------------------------------------------------
-    def prepare_grads(self, unscale: float = 1.0) -> float:
-        """Once per optimizer step: average over replicas (DDP semantics), unscale; return the squared norm."""
-        first_call = not self._grads_prepared
-        if not self._grads_prepared:
-            factor = unscale / self.num_replicas
-            for p in self.parameters():
-                if p.grad is None:
-                    # Stock fused expert tensors always get a gradient (zeros for unused experts), and optimizers
-                    # such as AdamW still decay and update momentum for them; keep that.
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.mul_(factor)
-            self._grads_prepared = True
-        total = torch.zeros((), dtype=torch.float64)
-        for p in self.parameters():
-            total += p.grad.detach().double().pow(2).sum().cpu()
-        if self.check_finite and first_call:  # once per step; scans gradients only if `total` is not finite
-            self.finite.end_step(float(total), self)
-        return float(total)
+    def prepare_grads(self, unscale: float = 1.0) -> None:
+        """Once per optimizer step (later calls until `step` do nothing): average over replicas (DDP semantics)
+        and unscale, one foreach multiply for all trainable gradients."""
+        if self._grads_prepared:
+            return
+        self._grads_prepared = True
+        grads = []
+        for p in self.trainable_parameters():
+            if p.grad is None:
+                # Stock fused expert tensors always get a gradient (zeros for unused experts), and optimizers
+                # such as AdamW still decay and update momentum for them; keep that.
+                p.grad = torch.zeros_like(p)
+            else:
+                grads.append(p.grad)
+        factor = unscale / self.num_replicas
+        if factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
+
+    def grad_norm_parts(self, unscale: float = 1.0) -> list[torch.Tensor]:
+        """Prepare this step's gradients, then what the step's one host copy carries for this shard (0-dim
+        tensors on the device, no synchronisation): the norm of its trainable gradients, computed as stock
+        computes norms (grad_norm.py), and with `check_finite` the non-finite rows counted since the last step.
+        Hand the host values to `end_grad_norm`."""
+        self.prepare_grads(unscale)
+        parts = [local_norm((p.grad for p in self.trainable_parameters() if p.grad is not None), self.device)]
+        if self.check_finite:
+            parts.append(self.finite.pending_bad_rows(self.device))
+        return parts
+
+    def end_grad_norm(self, host_parts: list[float]) -> None:
+        """The host values of `grad_norm_parts`: the once-per-step finite report (docs/reliability.md, "NaN and
+        inf"), which reads nothing more from the device unless something is not finite."""
+        if self.check_finite and not self._finite_checked:
+            self._finite_checked = True
+            self.finite.end_step(host_parts[0], self, bad_rows=host_parts[1])
 
     def build_optimizer(self, class_path: str, groups: list[dict[str, Any]]) -> None:
         """`groups`: [{"hyperparams": {...}, "params": [fused tensor names]}], in the order STEP sends lrs."""
@@ -281,19 +303,23 @@ class ExpertShard:
 
     def step(self, *, lrs: list[float], clip_coef: float, skipped: bool) -> None:
         self.prepare_grads()
+        if self.check_finite and not self._finite_checked:  # no norm this step: the check reads its own counters
+            self.finite.end_step(None, self, bad_rows=None)
+        params = self.trainable_parameters()
         if not skipped:
             if self.optimizer is None:
                 raise RuntimeError(
                     f"hetermoe: expert rank {self.rank} was asked to step before its optimizer was set up."
                 )
             if clip_coef != 1.0:
-                torch._foreach_mul_([p.grad for p in self.parameters()], clip_coef)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], clip_coef)
             for group, lr_index in zip(self.optimizer.param_groups, self._group_lr_index):
                 group["lr"] = lrs[lr_index]
             self.optimizer.step()
-        for p in self.parameters():
+        for p in params:
             p.grad = None
         self._grads_prepared = False
+        self._finite_checked = False
 
     # ---- optimizer state (topology independent) ------------------------------------------------------------
     def optimizer_state(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,118 @@
+"""What HeterMoE costs over stock training: the stock Trainer on the same small Mixtral, run side by side as
+  stock          one process, no HeterMoE
+  colocated      one process with `callbacks=[HeterMoECallback()]` (every expert on the one rank: no communication)
+  disaggregated  `hetermoe launch`, 1 attention rank + 1 expert rank (zebra's default 2 stripes)
+
+    python benchmarks/overhead.py [--hidden 256 512 1024] [--steps 8] [--repeats 2] [--profile-hidden 512]
+
+Model: 4 layers, 8 experts top-2, intermediate 2 x hidden, vocab 1024; sequences of 128 tokens, batch 8.
+Runs alternate (stock, colocated, disaggregated, stock, ...) so drift in the machine's load hits every setting
+alike. Per-step time is the median of the intervals between the Trainer's step ends over all repeats, leaving out
+each run's first `--warmup` steps. Then one colocated run at `--profile-hidden` under cProfile, and its top
+HeterMoE functions (hf_hetermoe/, model_patches/) by cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_overhead_runs.py")
+MODES = ("stock", "colocated", "disaggregated")
+DISAGGREGATED = "attention_ranks: [0]\nexpert_ranks: [1]\nmode: disaggregated\n"
+
+
+def run(mode: str, hidden: int, ns: argparse.Namespace, workdir: str, name: str, profile: str | None = None) -> dict:
+    spec = {"mode": "stock" if mode == "stock" else "hetermoe", "hidden": hidden, "steps": ns.steps,
+            "seq_len": ns.seq_len, "batch": ns.batch, "output": os.path.join(workdir, name + ".json"),
+            "profile": profile}
+    spec_path = os.path.join(workdir, name + ".spec.json")
+    with open(spec_path, "w") as fh:
+        json.dump(spec, fh)
+    if mode == "disaggregated":
+        config = os.path.join(workdir, "disaggregated.yaml")
+        with open(config, "w") as fh:
+            fh.write(DISAGGREGATED)
+        cmd = [sys.executable, "-m", "hf_hetermoe.cli", "launch", "--config", config, "--num-processes", "2",
+               WORKER, spec_path]
+    else:
+        cmd = [sys.executable, WORKER, spec_path]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-3000:])
+        raise SystemExit(f"overhead benchmark: the {mode} run at hidden {hidden} failed ({result.returncode})")
+    with open(spec["output"]) as fh:
+        return json.load(fh)
+
+
+def step_times(result: dict, warmup: int) -> list[float]:
+    ends = result["step_ends"]
+    return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
+
+
+def profile_summary(path: str, top: int) -> list[str]:
+    stats = pstats.Stats(path)
+    rows = []
+    for (filename, line, function), (_, calls, _, cumulative, _) in stats.stats.items():
+        if "hf_hetermoe" in filename or "model_patches" in filename:
+            short = filename[filename.rfind("hf_hetermoe"):] if "hf_hetermoe" in filename else \
+                filename[filename.rfind("model_patches"):]
+            rows.append((cumulative, calls, f"{short}:{line}({function})"))
+    rows.sort(reverse=True)
+    return [f"  {cum:8.2f} s  {calls:7d} calls  {where}" for cum, calls, where in rows[:top]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--profile-hidden", type=int, default=512, help="0: no profile")
+    parser.add_argument("--profile-steps", type=int, default=6)
+    parser.add_argument("--top", type=int, default=15)
+    ns = parser.parse_args()
+    if ns.steps < ns.warmup + 2:
+        raise SystemExit("overhead benchmark: --steps must exceed --warmup by at least 2 (one timed interval).")
+    print(f"CPU cores: {os.cpu_count()}. With 2 cores, the disaggregated figure includes its two processes "
+          "(attention and expert rank) sharing those cores; stock and colocated run one process.", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        table = []
+        for hidden in ns.hidden:
+            times = {mode: [] for mode in ns.modes}
+            for repeat in range(ns.repeats):
+                for mode in ns.modes:
+                    result = run(mode, hidden, ns, workdir, f"{mode}-{hidden}-{repeat}")
+                    times[mode] += step_times(result, ns.warmup)
+            medians = {mode: statistics.median(t) for mode, t in times.items()}
+            stock = medians.get("stock")
+            row = [f"hidden {hidden:5d}"]
+            for mode in ns.modes:
+                ratio = f" ({medians[mode] / stock:.2f}x)" if stock else ""
+                row.append(f"{mode} {medians[mode]:.3f} s/step{ratio}")
+            table.append(" | ".join(row))
+            print(table[-1], flush=True)
+        print("\nmedian per-step time, ratio to stock in parentheses:")
+        print("\n".join(table))
+        if ns.profile_hidden:
+            path = os.path.join(workdir, "colocated.prof")
+            steps, ns.steps = ns.steps, ns.profile_steps
+            run("colocated", ns.profile_hidden, ns, workdir, "profile", profile=path)
+            ns.steps = steps
+            print(f"\ncolocated, hidden {ns.profile_hidden}, {ns.profile_steps} steps under cProfile: top HeterMoE "
+                  "functions by cumulative time")
+            print("\n".join(profile_summary(path, ns.top)))
+
+
+if __name__ == "__main__":
+    main()
