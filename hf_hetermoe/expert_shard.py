@@ -24,6 +24,7 @@ from torch import nn
 
 from .expert_keys import ExpertTensorKey
 from .grad_norm import local_norm
+from .grouped_rows import run_experts
 from .instrumentation import DataPathObserver
 from .numerics import FiniteMonitor
 from .placement import ExpertPlacement
@@ -187,7 +188,7 @@ class ExpertShard:
 
     # ---- compute ---------------------------------------------------------------------------------------
     def _run(self, layer: int, x: torch.Tensor, local_expert_R: torch.Tensor, grad: bool,
-             autocast_dtype: torch.dtype | None) -> torch.Tensor:
+             autocast_dtype: torch.dtype | None, grouping: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.detach().clone()
         autocast = (
@@ -198,9 +199,8 @@ class ExpertShard:
         # is running (in-process holders), whose saved-tensor hooks would count it as part of the layer.
         own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
         with torch.set_grad_enabled(grad), autocast, own_graph:
-            index_R1 = local_expert_R.to(x.device).unsqueeze(1)
-            weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
-            return self.modules[layer](x, index_R1, weight_R1)
+            return run_experts(self.modules[layer], x, local_expert_R.to(x.device), grouping,
+                               len(self.local[layer]))
 
     def _report(self, direction: str, key: ExchangeKey, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
         rows = []
@@ -211,15 +211,18 @@ class ExpertShard:
     def forward(
         self, key: ExchangeKey, x_RH: torch.Tensor, local_expert_R: torch.Tensor, *, keep: bool,
         autocast_dtype: torch.dtype | None, seq_len: int = 1,
+        grouping: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`grouping`: the rows' permutation into expert order (`ExchangePlan.recv_grouping`); None when they
+        arrive in expert order (grouped_rows.py)."""
         start = self.observer.now()
         if keep:
             self._drop_sessions_before(key.session)
         x = x_RH.detach().requires_grad_(keep)
-        y = self._run(key.layer, x, local_expert_R, keep and not self.recompute, autocast_dtype)
+        y = self._run(key.layer, x, local_expert_R, keep and not self.recompute, autocast_dtype, grouping)
         if keep:
             # With recompute, only the inputs stay; the graph is rebuilt in backward.
-            self.saved[key] = (x, local_expert_R if self.recompute else y, autocast_dtype, local_expert_R, seq_len)
+            self.saved[key] = (x, None if self.recompute else y, autocast_dtype, local_expert_R, seq_len, grouping)
         self._report("F", key, local_expert_R, seq_len, start)
         if self.check_finite:  # docs/reliability.md, "NaN reports"
             self.finite.rows("the output", key.layer, y, local_expert_R, len(self.local[key.layer]))
@@ -232,8 +235,9 @@ class ExpertShard:
                 f"hetermoe: rank {self.rank} has no saved activations for layer {key.layer} stripe {key.stripe} "
                 f"of forward {key.session}; a backward ran without its forward (or after a newer forward)."
             )
-        x, y_or_index, autocast_dtype, local_expert_R, seq_len = self.saved.pop(key)
-        y = self._run(key.layer, x, y_or_index, True, autocast_dtype) if self.recompute else y_or_index
+        x, y, autocast_dtype, local_expert_R, seq_len, grouping = self.saved.pop(key)
+        if self.recompute:
+            y = self._run(key.layer, x, local_expert_R, True, autocast_dtype, grouping)
         if x.shape[0] and y.requires_grad:
             torch.autograd.backward(y, dy_RH.to(y.dtype))
         self._report("B", key, local_expert_R, seq_len, start)
