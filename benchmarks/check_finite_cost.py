@@ -36,6 +36,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = MixtralConfig(hidden_size=ns.hidden, intermediate_size=ns.intermediate, num_local_experts=ns.experts,
                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    config._experts_implementation = "grouped_mm"  # what a model built from this config trains with
     placement = ExpertPlacement.even(layers=(0,), num_experts=ns.experts, host_ranks=(0,))
     shard = ExpertShard(family=get_family("mixtral"), model_config=config, placement=placement, rank=0,
                         device=torch.device("cpu"), dtype=torch.float32, num_replicas=1)

@@ -123,7 +123,7 @@ class PendingExchange:
 
 
 class _Done:
-    """A finished collective (the single attention rank's results to itself)."""
+    """A finished collective (one process: its rows and results to itself)."""
 
     @staticmethod
     def wait(*args: Any) -> bool:
@@ -329,9 +329,14 @@ class TokenTransport:
             rank=self.rank, send_splits=plan.send_splits, parts=parts,
             out=lambda: self._buffer(key, direction, "out", sum(plan.send_splits), plan.row_dtype, reuse))
         pending.keep_alive.append(send)
-        rows_in = self._buffer(key, direction, "held", sum(plan.recv_splits), plan.row_dtype, reuse)
-        rows_work = (_all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits),
-                     f"the dispatch of layer {layer} stripe {key.stripe} ({name})")
+        what = f"the dispatch of layer {layer} stripe {key.stripe} ({name})"
+        if self.world == 1:
+            # One process (colocated): every row is for this rank, already in order; the all-to-all would only
+            # copy them.
+            rows_in, rows_work = send, (_Done(), what)
+        else:
+            rows_in = self._buffer(key, direction, "held", sum(plan.recv_splits), plan.row_dtype, reuse)
+            rows_work = (_all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits), what)
         if split.servers:
             from_servers = [n if r in split.servers else 0 for r, n in enumerate(plan.send_splits)]
             buffer = self._buffer(key, direction, "servers", sum(from_servers), plan.row_dtype, reuse)
