@@ -4,8 +4,9 @@
     hetermoe launch --config C.yaml --num-processes 2 benchmarks/_overhead_runs.py SPEC.json   # disaggregated
 
 SPEC: {"mode": "stock" | "hetermoe", "hidden": int, "steps": int, "seq_len": int, "batch": int,
-"output": path, "profile": path or null}. Every run builds the same model from the same seed and trains on the same
-random tokens; the attention rank 0 writes {"step_ends": [...], "train_runtime": s} to `output`, and with
+"threads": int (0: torch's default), "output": path, "profile": path or null}. Every run builds the same model from the same seed and trains on the same
+random tokens; the attention rank 0 writes {"step_ends": [...], "cpu_ends": [...], "train_runtime": s} to
+`output` (wall clock and this process's CPU time at each step end), and with
 `profile` the cProfile statistics of the whole `trainer.train()` to that path.
 """
 
@@ -23,9 +24,11 @@ from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainerCall
 class StepTimes(TrainerCallback):
     def __init__(self):
         self.ends = []
+        self.cpu_ends = []  # this process's CPU time (all threads): less sensitive to other load on the machine
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
 
 
 def model_config(hidden: int) -> MixtralConfig:
@@ -38,6 +41,8 @@ def model_config(hidden: int) -> MixtralConfig:
 
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model = MixtralForCausalLM(model_config(spec["hidden"]))
     g = torch.Generator().manual_seed(0)
@@ -65,7 +70,7 @@ def main() -> None:
         if profiler is not None:
             profiler.dump_stats(spec["profile"])
         with open(spec["output"], "w") as fh:
-            json.dump({"step_ends": steps.ends, "train_runtime": result.metrics["train_runtime"]}, fh)
+            json.dump({"step_ends": steps.ends, "cpu_ends": steps.cpu_ends, "train_runtime": result.metrics["train_runtime"]}, fh)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
   colocated      one process with `callbacks=[HeterMoECallback()]` (every expert on the one rank: no communication)
   disaggregated  `hetermoe launch`, 1 attention rank + 1 expert rank (zebra's default 2 stripes)
 
-    python benchmarks/overhead.py [--hidden 256 512 1024] [--steps 8] [--repeats 2] [--profile-hidden 512]
+    python benchmarks/overhead.py [--hidden 256 512 1024] [--steps 5] [--repeats 2] [--threads 1] [--profile-hidden 512]
+                                  [--baseline DIR]   # also time another source tree (before/after a change)
 
 Model: 4 layers, 8 experts top-2, intermediate 2 x hidden, vocab 1024; sequences of 128 tokens, batch 8.
 Runs alternate (stock, colocated, disaggregated, stock, ...) so drift in the machine's load hits every setting
 alike. Per-step time is the median of the intervals between the Trainer's step ends over all repeats, leaving out
-each run's first `--warmup` steps. Then one colocated run at `--profile-hidden` under cProfile, and its top
+each run's first `--warmup` steps; the CPU time per step (the process's, all threads; for disaggregated the
+attention rank's only) is printed beside it: it moves much less than wall time when other work shares the cores.
+Then one colocated run at `--profile-hidden` under cProfile, and its top
 HeterMoE functions (hf_hetermoe/, model_patches/) by cumulative time.
 """
 
@@ -30,8 +33,13 @@ DISAGGREGATED = "attention_ranks: [0]\nexpert_ranks: [1]\nmode: disaggregated\n"
 
 
 def run(mode: str, hidden: int, ns: argparse.Namespace, workdir: str, name: str, profile: str | None = None) -> dict:
+    """One run in a fresh process. A mode ending in "@baseline" runs with `--baseline` first on PYTHONPATH."""
+    mode, _, where = mode.partition("@")
+    env = dict(os.environ)
+    if where:
+        env["PYTHONPATH"] = os.pathsep.join([ns.baseline, *filter(None, [env.get("PYTHONPATH")])])
     spec = {"mode": "stock" if mode == "stock" else "hetermoe", "hidden": hidden, "steps": ns.steps,
-            "seq_len": ns.seq_len, "batch": ns.batch, "output": os.path.join(workdir, name + ".json"),
+            "seq_len": ns.seq_len, "batch": ns.batch, "threads": ns.threads, "output": os.path.join(workdir, name + ".json"),
             "profile": profile}
     spec_path = os.path.join(workdir, name + ".spec.json")
     with open(spec_path, "w") as fh:
@@ -44,7 +52,8 @@ def run(mode: str, hidden: int, ns: argparse.Namespace, workdir: str, name: str,
                WORKER, spec_path]
     else:
         cmd = [sys.executable, WORKER, spec_path]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # In the work folder: `python -m` puts the current folder first on sys.path, ahead of PYTHONPATH.
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-3000:])
         raise SystemExit(f"overhead benchmark: the {mode} run at hidden {hidden} failed ({result.returncode})")
@@ -52,8 +61,8 @@ def run(mode: str, hidden: int, ns: argparse.Namespace, workdir: str, name: str,
         return json.load(fh)
 
 
-def step_times(result: dict, warmup: int) -> list[float]:
-    ends = result["step_ends"]
+def step_times(result: dict, warmup: int, key: str = "step_ends") -> list[float]:
+    ends = result[key]
     return [b - a for a, b in zip(ends[warmup:], ends[warmup + 1:])]
 
 
@@ -73,36 +82,51 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (0: torch's default). 1 by default: on a shared machine "
+                        "several threads per process spin in barriers whenever a core is taken, and CPU time per step "
+                        "stops meaning anything")
     parser.add_argument("--profile-hidden", type=int, default=512, help="0: no profile")
     parser.add_argument("--profile-steps", type=int, default=6)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--baseline", help="a source tree of hf-hetermoe to compare with (e.g. an older commit's "
+                        "`git archive`): its colocated (and --baseline-modes) runs join the alternation")
+    parser.add_argument("--baseline-modes", nargs="+", default=["colocated"], choices=MODES[1:])
     ns = parser.parse_args()
+    if ns.baseline:
+        ns.modes = [*ns.modes, *(f"{mode}@baseline" for mode in ns.baseline_modes)]
     if ns.steps < ns.warmup + 2:
         raise SystemExit("overhead benchmark: --steps must exceed --warmup by at least 2 (one timed interval).")
-    print(f"CPU cores: {os.cpu_count()}. With 2 cores, the disaggregated figure includes its two processes "
+    print(f"torch threads per process: {ns.threads or 'default'}; "
+          f"CPU cores: {os.cpu_count()}. With 2 cores, the disaggregated figure includes its two processes "
           "(attention and expert rank) sharing those cores; stock and colocated run one process.", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         table = []
         for hidden in ns.hidden:
             times = {mode: [] for mode in ns.modes}
+            cpu = {mode: [] for mode in ns.modes}
             for repeat in range(ns.repeats):
                 for mode in ns.modes:
                     result = run(mode, hidden, ns, workdir, f"{mode}-{hidden}-{repeat}")
                     times[mode] += step_times(result, ns.warmup)
+                    cpu[mode] += step_times(result, ns.warmup, "cpu_ends")
             medians = {mode: statistics.median(t) for mode, t in times.items()}
-            stock = medians.get("stock")
+            cpu_medians = {mode: statistics.median(t) for mode, t in cpu.items()}
+            stock, stock_cpu = medians.get("stock"), cpu_medians.get("stock")
             row = [f"hidden {hidden:5d}"]
             for mode in ns.modes:
                 ratio = f" ({medians[mode] / stock:.2f}x)" if stock else ""
-                row.append(f"{mode} {medians[mode]:.3f} s/step{ratio}")
+                cpu_ratio = f" ({cpu_medians[mode] / stock_cpu:.2f}x)" if stock_cpu else ""
+                row.append(f"{mode} {medians[mode]:.3f} s/step{ratio}, cpu {cpu_medians[mode]:.3f} s{cpu_ratio}")
             table.append(" | ".join(row))
             print(table[-1], flush=True)
-        print("\nmedian per-step time, ratio to stock in parentheses:")
+        print("\nmedian per-step wall time (ratio to stock), and median per-step CPU time of the (attention rank 0)"
+              " process (ratio):")
         print("\n".join(table))
         if ns.profile_hidden:
             path = os.path.join(workdir, "colocated.prof")
