@@ -25,7 +25,7 @@ from .groups import HeterMoEGroups
 from .instrumentation import Instruments
 from .placement import ExpertPlacement
 from .precision import GROUPED_MM, check_compute_dtype, device_capability
-from .transport import ExchangeKey, ExchangePlan, TokenTransport, wait
+from .transport import ExchangeKey, ExchangePlan, TokenTransport
 
 logger = logging.getLogger(__name__)
 
