@@ -3,11 +3,12 @@
     python benchmarks/_overhead_runs.py SPEC.json            # stock or colocated, one process
     hetermoe launch --config C.yaml --num-processes 2 benchmarks/_overhead_runs.py SPEC.json   # disaggregated
 
-SPEC: {"mode": "stock" | "hetermoe", "hidden": int, "steps": int, "seq_len": int, "batch": int,
+SPEC: {"mode": "stock" | "hetermoe" | "alternate", "hidden": int, "steps": int, "seq_len": int, "batch": int,
 "threads": int (0: torch's default), "output": path, "profile": path or null}. Every run builds the same model from the same seed and trains on the same
 random tokens; the attention rank 0 writes {"step_ends": [...], "cpu_ends": [...], "train_runtime": s} to
 `output` (wall clock and this process's CPU time at each step end), and with
-`profile` the cProfile statistics of the whole `trainer.train()` to that path.
+`profile` the cProfile statistics of the whole `trainer.train()` to that path. "alternate": see `alternate`; writes
+{"stock": [CPU s per step], "colocated": [...]}.
 """
 
 import cProfile
@@ -39,10 +40,58 @@ def model_config(hidden: int) -> MixtralConfig:
     )
 
 
+def alternate(spec: dict) -> dict:
+    """Stock and colocated HeterMoE models in this one process, training steps alternated one by one (forward,
+    backward, clipping at 1.0, fused AdamW), each step's CPU time recorded: no process start, no Trainer, and the
+    same moment's machine load for both."""
+    from hf_hetermoe import HeterMoEConfig, apply_hetermoe, get_engine
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (spec["batch"], spec["seq_len"]), generator=g)
+    runs = {}
+    for name in ("stock", "colocated"):
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(model_config(spec["hidden"]))
+        engine = None
+        if name == "colocated":
+            apply_hetermoe(model, HeterMoEConfig(mode="colocated"))
+            engine = get_engine(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        if engine is not None:
+            engine.state.setup_optimizer(optimizer, {"gate_up_proj": 0, "down_proj": 0})
+        runs[name] = (model, optimizer, engine)
+
+    def step(model, optimizer, engine) -> float:
+        start = time.process_time()
+        model(input_ids=ids, labels=ids).loss.backward()
+        params = list(model.parameters())
+        if engine is not None:
+            engine.state.clip_grad_norm(params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if engine is not None:
+            engine.state.step(lrs=[1e-4], skipped=False)
+        optimizer.zero_grad(set_to_none=True)
+        return time.process_time() - start
+
+    for run in runs.values():  # warm-up: optimizer state
+        step(*run)
+    cpu = {name: [] for name in runs}
+    for _ in range(spec["steps"]):
+        for name, run in runs.items():
+            cpu[name].append(step(*run))
+    return cpu
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    if spec["mode"] == "alternate":
+        with open(spec["output"], "w") as fh:
+            json.dump(alternate(spec), fh)
+        return
     torch.manual_seed(0)
     model = MixtralForCausalLM(model_config(spec["hidden"]))
     g = torch.Generator().manual_seed(0)

@@ -5,6 +5,7 @@
 
     python benchmarks/overhead.py [--hidden 256 512 1024] [--steps 5] [--repeats 2] [--threads 1] [--profile-hidden 512]
                                   [--baseline DIR]   # also time another source tree (before/after a change)
+                                  [--alternate-steps N]   # also stock/colocated steps alternated in one process
 
 Model: 4 layers, 8 experts top-2, intermediate 2 x hidden, vocab 1024; sequences of 128 tokens, batch 8.
 Runs alternate (stock, colocated, disaggregated, stock, ...) so drift in the machine's load hits every setting
@@ -38,7 +39,7 @@ def run(mode: str, hidden: int, ns: argparse.Namespace, workdir: str, name: str,
     env = dict(os.environ)
     if where:
         env["PYTHONPATH"] = os.pathsep.join([ns.baseline, *filter(None, [env.get("PYTHONPATH")])])
-    spec = {"mode": "stock" if mode == "stock" else "hetermoe", "hidden": hidden, "steps": ns.steps,
+    spec = {"mode": mode if mode in ("stock", "alternate") else "hetermoe", "hidden": hidden, "steps": ns.steps,
             "seq_len": ns.seq_len, "batch": ns.batch, "threads": ns.threads, "output": os.path.join(workdir, name + ".json"),
             "profile": profile}
     spec_path = os.path.join(workdir, name + ".spec.json")
@@ -80,7 +81,7 @@ def profile_summary(path: str, top: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--hidden", type=int, nargs="*", default=[256, 512, 1024])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -91,6 +92,9 @@ def main() -> None:
                         help="torch threads per process (0: torch's default). 1 by default: on a shared machine "
                         "several threads per process spin in barriers whenever a core is taken, and CPU time per step "
                         "stops meaning anything")
+    parser.add_argument("--alternate-steps", type=int, default=0,
+                        help="also, per hidden size, this many training steps of stock and colocated models "
+                        "alternated one by one in one process (CPU time; the steadiest figure on a loaded machine)")
     parser.add_argument("--profile-hidden", type=int, default=512, help="0: no profile")
     parser.add_argument("--profile-steps", type=int, default=6)
     parser.add_argument("--top", type=int, default=15)
@@ -128,6 +132,13 @@ def main() -> None:
         print("\nmedian per-step wall time (ratio to stock), and median per-step CPU time of the (attention rank 0)"
               " process (ratio):")
         print("\n".join(table))
+        for hidden in ns.hidden if ns.alternate_steps else ():
+            steps, ns.steps = ns.steps, ns.alternate_steps
+            cpu = run("alternate", hidden, ns, workdir, f"alternate-{hidden}")
+            ns.steps = steps
+            stock, ours = statistics.median(cpu["stock"]), statistics.median(cpu["colocated"])
+            print(f"hidden {hidden:5d}, one process, {ns.alternate_steps} steps of each alternated: stock "
+                  f"{stock:.3f} s, colocated {ours:.3f} s CPU per step ({ours / stock:.3f}x)", flush=True)
         if ns.profile_hidden:
             path = os.path.join(workdir, "colocated.prof")
             steps, ns.steps = ns.steps, ns.profile_steps
