@@ -104,14 +104,14 @@ def main() -> None:
     ns = parser.parse_args()
     if ns.baseline:
         ns.modes = [*ns.modes, *(f"{mode}@baseline" for mode in ns.baseline_modes)]
-    if ns.steps < ns.warmup + 2:
+    if ns.repeats and ns.steps < ns.warmup + 2:
         raise SystemExit("overhead benchmark: --steps must exceed --warmup by at least 2 (one timed interval).")
     print(f"torch threads per process: {ns.threads or 'default'}; "
           f"CPU cores: {os.cpu_count()}. With 2 cores, the disaggregated figure includes its two processes "
           "(attention and expert rank) sharing those cores; stock and colocated run one process.", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         table = []
-        for hidden in ns.hidden:
+        for hidden in ns.hidden if ns.repeats else ():
             times = {mode: [] for mode in ns.modes}
             cpu = {mode: [] for mode in ns.modes}
             for repeat in range(ns.repeats):
@@ -129,9 +129,10 @@ def main() -> None:
                 row.append(f"{mode} {medians[mode]:.3f} s/step{ratio}, cpu {cpu_medians[mode]:.3f} s{cpu_ratio}")
             table.append(" | ".join(row))
             print(table[-1], flush=True)
-        print("\nmedian per-step wall time (ratio to stock), and median per-step CPU time of the (attention rank 0)"
-              " process (ratio):")
-        print("\n".join(table))
+        if table:
+            print("\nmedian per-step wall time (ratio to stock), and median per-step CPU time of the (attention rank 0)"
+                  " process (ratio):")
+            print("\n".join(table))
         for hidden in ns.hidden if ns.alternate_steps else ():
             steps, ns.steps = ns.steps, ns.alternate_steps
             cpu = run("alternate", hidden, ns, workdir, f"alternate-{hidden}")
