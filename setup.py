@@ -24,6 +24,7 @@ setup(
         "tokenizers",
         "pyyaml",
         "tqdm",
+        "numpy",  # the transport builds holder expert ids with numpy (cheaper than torch on CPU tensors)
         # `hetermoe plan` solves the lower bound and calibration with scipy and draws its Gantt chart with matplotlib.
         "scipy",
         "matplotlib",

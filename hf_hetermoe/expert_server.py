@@ -20,11 +20,12 @@ from .config import HeterMoEConfig
 from .control import CommandChannel
 from .emulation import DeviceEmulator, EmulationConfig
 from .expert_shard import ExpertShard
+from .grad_norm import combine_squares, to_host
 from .groups import HeterMoEGroups
 from .instrumentation import Instruments
 from .placement import ExpertPlacement
 from .precision import GROUPED_MM, check_compute_dtype, device_capability
-from .transport import ExchangeKey, ExchangePlan, TokenTransport, wait
+from .transport import ExchangeKey, ExchangePlan, TokenTransport
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ class ExpertServer:
         self.stats_since = now
 
     def grad_norm(self, cmd: cmds.GradNorm) -> None:
-        sq = torch.tensor([self.shard.prepare_grads(cmd.unscale)], dtype=torch.float64)
-        wait(self.groups.control.allreduce([sq]), "the gradient-norm all-reduce", self.groups.rank)
+        host = to_host(self.shard.grad_norm_parts(cmd.unscale))  # one device-to-host copy (grad_norm.py)
+        self.shard.end_grad_norm(host)
+        combine_squares(host[0] * host[0], self.groups.control, self.groups.rank)
 
     def handle(self, cmd: cmds.Command) -> None:
         leader = self.groups.leader

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .expert_keys import ExpertTensorKey
+from .grad_norm import local_norm
+from .grouped_rows import run_experts
 from .instrumentation import DataPathObserver
 from .numerics import FiniteMonitor
 from .placement import ExpertPlacement
@@ -111,6 +113,7 @@ class ExpertShard:
         self.observer = DataPathObserver()  # the owner's instrumentation (timeline, device emulation)
         self.optimizer: torch.optim.Optimizer | None = None
         self._grads_prepared = False
+        self._finite_checked = False  # this step's finite report was made (with the norm, or at the step)
         # NaN/inf in expert outputs and gradients, reported per layer/expert/rank (numerics.py).
         self.check_finite = True
         self.finite = FiniteMonitor(rank)
@@ -201,7 +204,7 @@ class ExpertShard:
 
     # ---- compute ---------------------------------------------------------------------------------------
     def _run(self, layer: int, x: torch.Tensor, local_expert_R: torch.Tensor, grad: bool,
-             autocast_dtype: torch.dtype | None) -> torch.Tensor:
+             autocast_dtype: torch.dtype | None, grouping: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.detach().clone()
         autocast = (
@@ -212,9 +215,8 @@ class ExpertShard:
         # is running (in-process holders), whose saved-tensor hooks would count it as part of the layer.
         own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
         with torch.set_grad_enabled(grad), autocast, own_graph:
-            index_R1 = local_expert_R.to(x.device).unsqueeze(1)
-            weight_R1 = torch.ones(index_R1.shape, dtype=torch.float32, device=x.device)
-            return self.modules[layer](x, index_R1, weight_R1)
+            return run_experts(self.modules[layer], x, local_expert_R.to(x.device), grouping,
+                               len(self.local[layer]))
 
     def _report(self, direction: str, key: ExchangeKey, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
         rows = []
@@ -225,15 +227,18 @@ class ExpertShard:
     def forward(
         self, key: ExchangeKey, x_RH: torch.Tensor, local_expert_R: torch.Tensor, *, keep: bool,
         autocast_dtype: torch.dtype | None, seq_len: int = 1,
+        grouping: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """`grouping`: the rows' permutation into expert order (`ExchangePlan.recv_grouping`); None when they
+        arrive in expert order (grouped_rows.py)."""
         start = self.observer.now()
         if keep:
             self._drop_sessions_before(key.session)
         x = x_RH.detach().requires_grad_(keep)
-        y = self._run(key.layer, x, local_expert_R, keep and not self.recompute, autocast_dtype)
+        y = self._run(key.layer, x, local_expert_R, keep and not self.recompute, autocast_dtype, grouping)
         if keep:
             # With recompute, only the inputs stay; the graph is rebuilt in backward.
-            self.saved[key] = (x, local_expert_R if self.recompute else y, autocast_dtype, local_expert_R, seq_len)
+            self.saved[key] = (x, None if self.recompute else y, autocast_dtype, local_expert_R, seq_len, grouping)
         self._report("F", key, local_expert_R, seq_len, start)
         if self.check_finite:  # docs/reliability.md, "NaN reports"
             self.finite.rows("the output", key.layer, y, local_expert_R, len(self.local[key.layer]))
@@ -246,8 +251,9 @@ class ExpertShard:
                 f"hetermoe: rank {self.rank} has no saved activations for layer {key.layer} stripe {key.stripe} "
                 f"of forward {key.session}; a backward ran without its forward (or after a newer forward)."
             )
-        x, y_or_index, autocast_dtype, local_expert_R, seq_len = self.saved.pop(key)
-        y = self._run(key.layer, x, y_or_index, True, autocast_dtype) if self.recompute else y_or_index
+        x, y, autocast_dtype, local_expert_R, seq_len, grouping = self.saved.pop(key)
+        if self.recompute:
+            y = self._run(key.layer, x, local_expert_R, True, autocast_dtype, grouping)
         if x.shape[0] and y.requires_grad:
             torch.autograd.backward(y, dy_RH.to(y.dtype))
         self._report("B", key, local_expert_R, seq_len, start)
@@ -261,25 +267,41 @@ class ExpertShard:
             del self.saved[stale]
 
     # ---- gradients and optimizer -------------------------------------------------------------------------
-    def prepare_grads(self, unscale: float = 1.0) -> float:
-        """Once per optimizer step: average over replicas (DDP semantics), unscale; return the squared norm."""
-        first_call = not self._grads_prepared
-        if not self._grads_prepared:
-            factor = unscale / self.num_replicas
-            for p in self.trainable_parameters():
-                if p.grad is None:
-                    # Stock fused expert tensors always get a gradient (zeros for unused experts), and optimizers
-                    # such as AdamW still decay and update momentum for them; keep that.
-                    p.grad = torch.zeros_like(p)
-                else:
-                    p.grad.mul_(factor)
-            self._grads_prepared = True
-        total = torch.zeros((), dtype=torch.float64)
+    def prepare_grads(self, unscale: float = 1.0) -> None:
+        """Once per optimizer step (later calls until `step` do nothing): average over replicas (DDP semantics)
+        and unscale, one foreach multiply for all trainable gradients."""
+        if self._grads_prepared:
+            return
+        self._grads_prepared = True
+        grads = []
         for p in self.trainable_parameters():
-            total += p.grad.detach().double().pow(2).sum().cpu()
-        if self.check_finite and first_call:  # once per step; scans gradients only if `total` is not finite
-            self.finite.end_step(float(total), self)
-        return float(total)
+            if p.grad is None:
+                # Stock fused expert tensors always get a gradient (zeros for unused experts), and optimizers
+                # such as AdamW still decay and update momentum for them; keep that.
+                p.grad = torch.zeros_like(p)
+            else:
+                grads.append(p.grad)
+        factor = unscale / self.num_replicas
+        if factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
+
+    def grad_norm_parts(self, unscale: float = 1.0) -> list[torch.Tensor]:
+        """Prepare this step's gradients, then what the step's one host copy carries for this shard (0-dim
+        tensors on the device, no synchronisation): the norm of its trainable gradients, computed as stock
+        computes norms (grad_norm.py), and with `check_finite` the non-finite rows counted since the last step.
+        Hand the host values to `end_grad_norm`."""
+        self.prepare_grads(unscale)
+        parts = [local_norm((p.grad for p in self.trainable_parameters() if p.grad is not None), self.device)]
+        if self.check_finite:
+            parts.append(self.finite.pending_bad_rows(self.device))
+        return parts
+
+    def end_grad_norm(self, host_parts: list[float]) -> None:
+        """The host values of `grad_norm_parts`: the once-per-step finite report (docs/reliability.md, "NaN and
+        inf"), which reads nothing more from the device unless something is not finite."""
+        if self.check_finite and not self._finite_checked:
+            self._finite_checked = True
+            self.finite.end_step(host_parts[0], self, bad_rows=host_parts[1])
 
     def build_optimizer(self, class_path: str, groups: list[dict[str, Any]]) -> None:
         """`groups`: [{"hyperparams": {...}, "params": [fused tensor names]}], in the order STEP sends lrs."""
@@ -305,19 +327,23 @@ class ExpertShard:
 
     def step(self, *, lrs: list[float], clip_coef: float, skipped: bool) -> None:
         self.prepare_grads()
-        if not skipped and self.trainable_parameters():
+        if self.check_finite and not self._finite_checked:  # no norm this step: the check reads its own counters
+            self.finite.end_step(None, self, bad_rows=None)
+        params = self.trainable_parameters()
+        if not skipped and params:  # a shard whose experts are all frozen has no optimizer and steps nothing
             if self.optimizer is None:
                 raise RuntimeError(
                     f"hetermoe: expert rank {self.rank} was asked to step before its optimizer was set up."
                 )
             if clip_coef != 1.0:
-                torch._foreach_mul_([p.grad for p in self.trainable_parameters()], clip_coef)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], clip_coef)
             for group, lr_index in zip(self.optimizer.param_groups, self._group_lr_index):
                 group["lr"] = lrs[lr_index]
             self.optimizer.step()
-        for p in self.parameters():
+        for p in params:
             p.grad = None
         self._grads_prepared = False
+        self._finite_checked = False
 
     # ---- optimizer state (topology independent) ------------------------------------------------------------
     def optimizer_state(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ channel; see docs/architecture.md.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -23,6 +24,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import protocol as cmds
 from .expert_keys import ExpertTensorKey, parse_stock_state_name, stock_state_name
 from .expert_shard import optimizer_hyperparams, select_experts
+from .grad_norm import combine_squares, local_norm, to_host
 from .transport import wait
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ class ExpertState:
         self._pending_reduce: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
         self._reduced: set[int] = set()
         self.clip_coef = 1.0
+        self.last_norm = 0.0  # the step's global gradient norm, on the host (global_grad_norm)
         # fp16: the loss scaler skips this step (a non-finite global norm; precision.scaled_clip_grad_norm).
         self.overflow = False
         # Optimizer
@@ -119,17 +122,24 @@ class ExpertState:
                 g.copy_(synced)
 
     def global_grad_norm(self, params: list[torch.nn.Parameter], *, unscale: float = 1.0) -> torch.Tensor:
-        """L2 norm of all gradients: attention (replicated) and experts (held once each, on any rank)."""
+        """L2 norm of all gradients: attention (replicated) and experts (held once each, on any rank).
+
+        Computed as stock clipping computes it (grad_norm.py): foreach norms in the gradients' dtype on the device,
+        the rank's parts to the host in one copy, the experts' squares summed over ranks in one all-reduce."""
         self.finish_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
-        zero = torch.zeros((), dtype=torch.float64, device=self.groups.device)
-        attn_sq = sum((g.detach().double().pow(2).sum() for g in grads), zero)
         self.command(cmds.GradNorm(unscale=unscale))
-        expert_sq = torch.tensor([self.shard.prepare_grads(unscale) if self.shard else 0.0], dtype=torch.float64)
-        wait(self.groups.control.allreduce([expert_sq]), "the gradient-norm all-reduce", self.groups.rank)
-        total = torch.sqrt(attn_sq.cpu() + expert_sq[0])
+        parts = [local_norm(grads, self.groups.device)]
+        if self.shard is not None:
+            parts += self.shard.grad_norm_parts(unscale)
+        host = to_host(parts)
+        if self.shard is not None:
+            self.shard.end_grad_norm(host[1:])
+        expert_norm = host[1] if self.shard is not None else 0.0
+        expert_sq = combine_squares(expert_norm * expert_norm, self.groups.control, self.groups.rank)
+        self.last_norm = math.sqrt(host[0] * host[0] + expert_sq)
         dtype = grads[0].dtype if grads else torch.float32
-        return total.to(dtype=dtype, device=self.groups.device)
+        return torch.full((), self.last_norm, dtype=dtype, device=self.groups.device)
 
     def clip_grad_norm(self, params: list[torch.nn.Parameter], max_norm: float, *, unscale: float = 1.0,
                        skip_if_nonfinite: bool = False) -> torch.Tensor:
@@ -140,10 +150,10 @@ class ExpertState:
         total = self.global_grad_norm(params, unscale=unscale)
         if max_norm == float("inf"):
             return total
-        if skip_if_nonfinite and not torch.isfinite(total).item():
+        if skip_if_nonfinite and not math.isfinite(self.last_norm):
             self.clip_coef = 1.0
             return total
-        coef = max_norm / (float(total) + 1e-6)
+        coef = max_norm / (self.last_norm + 1e-6)
         self.clip_coef = min(coef, 1.0)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:

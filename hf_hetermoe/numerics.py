@@ -8,8 +8,9 @@ that something broke. The expert holder knows which expert produced it, so it re
 Cheap by construction (benchmarks/check_finite_cost.py measures it):
 - rows: per exchange one fp32 row sum (non-finite iff the row holds a NaN or inf) and an `index_add_` of the
   bad rows into per-expert counters that stay on the device (no host synchronisation in the data path);
-- the counters are read once per optimizer step, in `end_step`, next to the gradient norm that syncs anyway;
-- parameter gradients cost nothing more unless the squared gradient norm (computed anyway) is not finite;
+- once per optimizer step the counters' total travels to the host in the same copy as the gradient norm
+  (grad_norm.py), so a step with nothing wrong reads nothing more; only a non-zero total reads the counters;
+- parameter gradients cost nothing more unless the gradient norm (computed anyway) is not finite;
   then each expert's slice of each fused gradient is checked to name the experts.
 
 Detection does not change training: the Trainer's own handling (`logging_nan_inf_filter`, skipped steps under
@@ -48,16 +49,30 @@ class FiniteMonitor:
             counts = self._pending[(what, layer)] = torch.zeros(num_local, dtype=torch.float32, device=values_RH.device)
         counts.index_add_(0, local_expert_R.to(values_RH.device), bad_R.to(torch.float32))
 
-    def end_step(self, grad_sq_norm: float, shard: Any) -> None:
-        """Once per optimizer step (the shard calls it when it prepares the step's gradients): report the rows counted since the last call, and name the experts whose
-        gradients are not finite when the squared norm is not."""
+    def pending_bad_rows(self, device: torch.device) -> torch.Tensor:
+        """The non-finite rows counted since the last step, all layers together: a 0-dim fp32 tensor on the
+        device (no synchronisation), which travels to the host with the gradient norm."""
+        if not self._pending:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.stack([counts.sum() for counts in self._pending.values()]).sum()
+
+    def end_step(self, grad_norm: float | None, shard: Any, *, bad_rows: float | None) -> None:
+        """Once per optimizer step: report the rows counted since the last call, and name the experts whose
+        gradients are not finite when the norm of the shard's gradients is not. `grad_norm` and `bad_rows` are
+        the host values of this step's one copy (`pending_bad_rows`); when both are finite and no row was bad,
+        nothing is read from the device. None: not known, read them here (a step without a norm)."""
         self.step += 1
         pending, self._pending = self._pending, {}
-        for (what, layer), counts in pending.items():
-            for index, count in enumerate(counts.tolist()):
-                if count:
-                    self._report(what, layer, shard.local[layer][index], f"{int(count)} rows in step {self.step}")
-        if math.isfinite(grad_sq_norm):
+        if bad_rows is None or bad_rows != 0:
+            for (what, layer), counts in pending.items():
+                for index, count in enumerate(counts.tolist()):
+                    if count:
+                        self._report(what, layer, shard.local[layer][index], f"{int(count)} rows in step {self.step}")
+        if grad_norm is None:
+            from .grad_norm import local_norm
+
+            grad_norm = float(local_norm((p.grad for p in shard.parameters() if p.grad is not None), shard.device))
+        if math.isfinite(grad_norm):
             return
         for layer, name, param in shard.named_parameters():
             if param.grad is None:

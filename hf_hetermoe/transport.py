@@ -33,10 +33,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import health
+from .grouped_rows import expert_order
 from .instrumentation import DataPathObserver
 from .streams import to_device
 
@@ -61,6 +63,9 @@ class ExchangePlan:
     recv_splits: list[int]  # rows this rank receives from each rank
     recv_local_expert_R: torch.Tensor | None  # holders: local expert index of each received row (on the device)
     row_dtype: torch.dtype
+    # Holders: (permutation into expert order, inverse) of the received rows, made once for the forward and its
+    # backward; None when they arrive in expert order (one source). grouped_rows.py.
+    recv_grouping: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def wait(work: Any, what: str, rank: int) -> None:
@@ -119,7 +124,7 @@ class PendingExchange:
 
 
 class _Done:
-    """A finished collective (the single attention rank's results to itself)."""
+    """A finished collective (one process: its rows and results to itself)."""
 
     @staticmethod
     def wait(*args: Any) -> bool:
@@ -181,21 +186,31 @@ class SplitArithmetic:
     attention_ranks: tuple[int, ...]
     servers: tuple[int, ...]
     local_of: dict[int, list[tuple[int, ...]]] = field(init=False)  # layer -> rank -> its experts, local order
+    # layer -> expert ids of the servers' (attention holders') experts, holder by holder: the counts one exchange
+    # sends are counts_E at these ids, one index operation (made once per layer, reused by every exchange).
+    _server_ids: dict[int, torch.Tensor] = field(init=False)
+    _attention_ids: dict[int, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         self.local_of = {
             layer: [self.placement.local_experts(r, layer) for r in range(self.world)] for layer in self.placement.layers
         }
 
+        def ids(layer: int, ranks: tuple[int, ...]) -> torch.Tensor:
+            return torch.tensor([e for r in ranks for e in self.local_of[layer][r]], dtype=torch.int64)
+
+        self._server_ids = {layer: ids(layer, self.servers) for layer in self.placement.layers}
+        self._attention_ids = {layer: ids(layer, self.attention_ranks) for layer in self.placement.layers}
+
     def send_splits(self, layer: int, counts_E: torch.Tensor) -> list[int]:
         """Rows an attention rank sends to each rank: the pairs routed to that rank's experts."""
-        return [int(counts_E[list(experts)].sum()) for experts in self.local_of[layer]]
+        counts = counts_E.tolist()  # one read of the (host) counts, then Python sums
+        return [sum(counts[e] for e in experts) for experts in self.local_of[layer]]
 
     def server_counts(self, layer: int, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The per-expert counts an attention rank sends to the servers, and their splits per rank."""
         local_of = self.local_of[layer]
-        parts = [counts_E[list(local_of[d])] for d in self.servers]
-        send = torch.cat(parts).to(torch.int64) if parts else torch.zeros(0, dtype=torch.int64)
+        send = counts_E[self._server_ids[layer]].to(torch.int64)
         splits = [len(local_of[d]) if d in self.servers else 0 for d in range(self.world)]
         return send, splits
 
@@ -210,7 +225,7 @@ class SplitArithmetic:
     def attention_counts(self, layer: int, counts_E: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Counts an attention rank sends to each attention rank (its experts of `layer`), in attention order."""
         local_of = self.local_of[layer]
-        send = torch.cat([counts_E[list(local_of[a])] for a in self.attention_ranks]).to(torch.int64)
+        send = counts_E[self._attention_ids[layer]].to(torch.int64)
         return send, [len(local_of[a]) for a in self.attention_ranks]
 
     def holder_plan(self, layer: int, rank: int, sources: tuple[int, ...], per_source_counts: torch.Tensor,
@@ -220,14 +235,19 @@ class SplitArithmetic:
         mine = len(self.local_of[layer][rank])
         recv_splits = [0] * self.world
         local_expert_R = None
+        grouping = None
         if mine:
             per_source_counts = per_source_counts.reshape(len(sources), mine)
-            for i, src in enumerate(sources):
-                recv_splits[src] = int(per_source_counts[i].sum())
-            ids = torch.arange(mine, dtype=torch.int64).repeat(len(sources))
-            local_expert_R = to_device(torch.repeat_interleave(ids, per_source_counts.reshape(-1)), device)
+            for src, rows in zip(sources, per_source_counts.sum(dim=1).tolist()):
+                recv_splits[src] = rows
+            # Host counts, host arithmetic: numpy's repeat takes microseconds where torch.repeat_interleave on
+            # CPU tensors takes ~100x longer for the same few thousand ids.
+            ids = np.tile(np.arange(mine, dtype=np.int64), len(sources))
+            rows = np.repeat(ids, per_source_counts.reshape(-1).numpy())
+            local_expert_R = to_device(torch.from_numpy(rows), device)
+            grouping = expert_order(local_expert_R, sum(1 for rows in recv_splits if rows))
         return ExchangePlan(send_splits=send_splits, recv_splits=recv_splits, recv_local_expert_R=local_expert_R,
-                            row_dtype=row_dtype)
+                            row_dtype=row_dtype, recv_grouping=grouping)
 
 
 class TokenTransport:
@@ -313,9 +333,14 @@ class TokenTransport:
             rank=self.rank, send_splits=plan.send_splits, parts=parts,
             out=lambda: self._buffer(key, direction, "out", sum(plan.send_splits), plan.row_dtype, reuse))
         pending.keep_alive.append(send)
-        rows_in = self._buffer(key, direction, "held", sum(plan.recv_splits), plan.row_dtype, reuse)
-        rows_work = (_all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits),
-                     f"the dispatch of layer {layer} stripe {key.stripe} ({name})")
+        what = f"the dispatch of layer {layer} stripe {key.stripe} ({name})"
+        if self.world == 1:
+            # One process (colocated): every row is for this rank, already in order; the all-to-all would only
+            # copy them.
+            rows_in, rows_work = send, (_Done(), what)
+        else:
+            rows_in = self._buffer(key, direction, "held", sum(plan.recv_splits), plan.row_dtype, reuse)
+            rows_work = (_all_to_all(self.groups.dispatch, rows_in, send, plan.recv_splits, plan.send_splits), what)
         if split.servers:
             from_servers = [n if r in split.servers else 0 for r, n in enumerate(plan.send_splits)]
             buffer = self._buffer(key, direction, "servers", sum(from_servers), plan.row_dtype, reuse)
@@ -349,19 +374,21 @@ class TokenTransport:
             else:
                 wait(*held.work, self.rank)
                 result = (shard.forward(key, held.rows, plan.recv_local_expert_R, keep=held.keep,
-                                        autocast_dtype=held.autocast, seq_len=held.seq_len)
+                                        autocast_dtype=held.autocast, seq_len=held.seq_len,
+                                        grouping=plan.recv_grouping)
                           if held.direction == "F" else shard.backward(key, held.rows))
             result = result.to(plan.row_dtype).contiguous()
-            from_attention = [plan.send_splits[a] for a in attention]
-            buffer = self._buffer(key, held.direction, "attention", sum(from_attention), plan.row_dtype, held.reuse)
             name = "forward" if held.direction == "F" else "backward"
             what = f"the attention holders' results of layer {layer} stripe {key.stripe} ({name})"
-            if self.groups.attention is None:  # the only attention rank: its results are its own
-                buffer.copy_(result)
-                work = _Done()
-            else:
-                work = _all_to_all(self.groups.attention, buffer, result, from_attention,
-                                   [plan.recv_splits[a] for a in attention])
+            if self.groups.attention is None:
+                # The only attention rank: its results are its own, already in send order; no copy. (The
+                # result is a fresh tensor, so it may outlive the step like a fresh receive buffer.)
+                held.pending.add_part((_Done(), what), result, set(attention))
+                continue
+            from_attention = [plan.send_splits[a] for a in attention]
+            buffer = self._buffer(key, held.direction, "attention", sum(from_attention), plan.row_dtype, held.reuse)
+            work = _all_to_all(self.groups.attention, buffer, result, from_attention,
+                               [plan.recv_splits[a] for a in attention])
             held.pending.add_part((work, what), buffer, set(attention), (result,))
 
     # ---- server side ------------------------------------------------------------------------------------------
@@ -380,7 +407,7 @@ class TokenTransport:
         self.observer.exchange_done("D", "F", key, start)
         if plan.recv_local_expert_R is not None:
             y_RH = shard.forward(key, x_RH, plan.recv_local_expert_R, keep=keep, autocast_dtype=autocast,
-                                 seq_len=seq_len)
+                                 seq_len=seq_len, grouping=plan.recv_grouping)
         else:
             y_RH = x_RH  # nothing of this layer held here: empty
         self._send_without_waiting(y_RH.to(row_dtype), plan, f"the combine of layer {layer} (forward)")

@@ -31,7 +31,7 @@ class FakeShard:
         experts = torch.tensor(self.placement.local_experts(self.rank, key.layer), dtype=torch.float32)
         return (experts[local_expert_R] + 1).unsqueeze(1) if len(local_expert_R) else torch.zeros(0, 1)
 
-    def forward(self, key, x_RH, local_expert_R, *, keep, autocast_dtype, seq_len=1):
+    def forward(self, key, x_RH, local_expert_R, *, keep, autocast_dtype, seq_len=1, grouping=None):
         self.saved[key] = local_expert_R.clone()
         return x_RH * self._factor(key, local_expert_R)
 
