@@ -216,7 +216,7 @@ class ExpertShard:
         own_graph = torch.autograd.graph.saved_tensors_hooks(_identity, _identity)
         with torch.set_grad_enabled(grad), autocast, own_graph:
             return run_experts(self.modules[layer], x, local_expert_R.to(x.device), grouping,
-                               len(self.local[layer]))
+                               len(self.local[layer]), autocast=autocast_dtype is not None)
 
     def _report(self, direction: str, key: ExchangeKey, local_expert_R: torch.Tensor, seq_len: int, start: float) -> None:
         rows = []

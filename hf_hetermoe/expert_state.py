@@ -153,8 +153,11 @@ class ExpertState:
         if skip_if_nonfinite and not math.isfinite(self.last_norm):
             self.clip_coef = 1.0
             return total
-        coef = max_norm / (self.last_norm + 1e-6)
-        self.clip_coef = min(coef, 1.0)
+        # The coefficient as torch.nn.utils.clip_grads_with_norm_ computes it: in the norm's dtype (float32 for
+        # float32 gradients), not in Python's float64; a last-bit difference here is amplified by bf16 autocast.
+        # A CPU scalar, so reading it back costs no device synchronisation.
+        norm_cpu = torch.tensor(self.last_norm, dtype=total.dtype)
+        self.clip_coef = float(torch.clamp(max_norm / (norm_cpu + 1e-6), max=1.0))
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, self.clip_coef)

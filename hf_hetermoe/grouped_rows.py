@@ -48,10 +48,15 @@ def expert_order(local_expert_R: torch.Tensor, sources_with_rows: int) -> tuple[
 
 
 def run_experts(module: nn.Module, x_RH: torch.Tensor, local_expert_R: torch.Tensor,
-                grouping: tuple[torch.Tensor, torch.Tensor] | None, num_local: int) -> torch.Tensor:
+                grouping: tuple[torch.Tensor, torch.Tensor] | None, num_local: int,
+                autocast: bool = False) -> torch.Tensor:
     """y_RH = the experts of `module` on rows `x_RH` (row r through local expert `local_expert_R[r]`), rows in
-    the order received. `grouping`: `expert_order`'s result for these rows."""
-    if not uses_grouped_mm(module):
+    the order received. `grouping`: `expert_order`'s result for these rows.
+
+    Under autocast the stock call is taken: a bf16-autocast fine-tuning run (TRL's SFTTrainer) measured 1.8e-4
+    from stock on the weights through this path and 3e-6 through the stock call, while the paths are bitwise
+    equal on the same rows outside training; until that is explained, autocast keeps the stock call."""
+    if autocast or not uses_grouped_mm(module):
         index_R1 = local_expert_R.unsqueeze(1)
         return module(x_RH, index_R1, torch.ones(index_R1.shape, dtype=torch.float32, device=x_RH.device))
     expert_R = local_expert_R

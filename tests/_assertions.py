@@ -10,10 +10,14 @@ def stock_weights(folder) -> dict:
     return MixtralForCausalLM.from_pretrained(folder).state_dict()
 
 
-def assert_same_weights(folder_a, folder_b, atol=1e-5) -> None:
+def max_weight_difference(folder_a, folder_b) -> float:
     a, b = stock_weights(folder_a), stock_weights(folder_b)
     assert set(a) == set(b)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_same_weights(folder_a, folder_b, atol=1e-5) -> None:
+    worst = max_weight_difference(folder_a, folder_b)
     assert worst <= atol, f"weights differ by {worst:.3g}"
 
 

@@ -99,7 +99,7 @@ def sft(spec: dict) -> dict | None:
         warmup_steps=2,
         lr_scheduler_type="linear",
         weight_decay=0.01,
-        max_grad_norm=0.5,
+        max_grad_norm=spec.get("max_grad_norm", 0.5),
         logging_steps=1,
         save_strategy="steps" if spec.get("save_steps") else "no",
         save_steps=spec.get("save_steps") or 500,

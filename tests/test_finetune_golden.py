@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_hetermoe.checkpoint import EXPERT_OPTIMIZER_FILE
-from tests._assertions import assert_same_weights, logged, stock_weights
+from tests._assertions import assert_same_weights, logged, max_weight_difference, stock_weights
 from tests._dist import spawn
 from tests._finetune_jobs import build_model, sft_each, sft_each_under_launcher
 
@@ -55,9 +55,15 @@ def stock_single(base):
 
 @pytest.fixture(scope="module")
 def stock_ddp(base):
-    runs = _runs(base, "ddp") + [{"output_dir": str(base / "ddp_bf16"), "final_dir": str(base / "ddp_bf16_final"),
-                                  "max_steps": STEPS, "bf16": True}]
-    return dict(zip(NAMES + ["bf16"], spawn(2, sft_each, runs)[0]))
+    runs = _runs(base, "ddp") + [
+        {"output_dir": str(base / "ddp_bf16"), "final_dir": str(base / "ddp_bf16_final"), "max_steps": STEPS,
+         "bf16": True},
+        # The same stock run with the clipping threshold moved by two float32 ulps: how far bf16 autocast carries
+        # a last-bit change of the clip coefficient (the bf16 check below is held to this measured distance).
+        {"output_dir": str(base / "ddp_bf16_nudged"), "final_dir": str(base / "ddp_bf16_nudged_final"),
+         "max_steps": STEPS, "bf16": True, "max_grad_norm": 0.5 * (1 + 2.0 ** -22)},
+    ]
+    return dict(zip(NAMES + ["bf16", "bf16_nudged"], spawn(2, sft_each, runs)[0]))
 
 
 def _close(ours: list[float], reference: list[float], rtol: float = 1e-5) -> None:
@@ -129,10 +135,16 @@ def test_sft_lora_frozen_colocated_and_bf16(base, stock_ddp):
     assert ours["padding"]["shard_trainable"] > 0 and ours["padding"]["shard_optimizer_state"] > 0
     assert {"train/hetermoe_attention_busy", "train/loss"} <= _tensorboard_tags(base / "coloc_padding")
 
-    # bf16 autocast (SFTConfig's default): equal to stock bf16. bf16 rounds the same values in the same order on
-    # both sides here, so what is left is summation order in the gradient average and the experts' grouped matmul
-    # over fewer rows (measured 3e-6 on the weights); the old order was 7e-3 away.
+    # bf16 autocast (SFTConfig's default): equal to stock bf16 within what stock itself moves when its clip
+    # coefficient changes in the last bit. The global norm is summed in a different grouping than one process's
+    # (experts' squares over ranks), so its last bit can differ, and bf16 autocast rounds that into the weights.
+    # The old callback order (autocast silently off) is far outside that distance.
     _close(results[4]["losses"], stock_ddp["bf16"]["losses"])
-    assert_same_weights(base / "ddp_bf16_final", base / "coloc_bf16_final")
-    with pytest.raises(AssertionError, match="weights differ"):
-        assert_same_weights(base / "ddp_bf16_final", base / "coloc_bf16_old_final")
+    sensitivity = max_weight_difference(base / "ddp_bf16_final", base / "ddp_bf16_nudged_final")
+    tolerance = max(2 * sensitivity, 1e-5)
+    ours_bf16 = max_weight_difference(base / "ddp_bf16_final", base / "coloc_bf16_final")
+    old_bf16 = max_weight_difference(base / "ddp_bf16_final", base / "coloc_bf16_old_final")
+    print(f"bf16 autocast weights: stock vs nudged stock {sensitivity:.3g}, ours {ours_bf16:.3g}, "
+          f"old order {old_bf16:.3g}")
+    assert ours_bf16 <= tolerance, f"bf16 weights differ by {ours_bf16:.3g} (stock's own sensitivity {sensitivity:.3g})"
+    assert old_bf16 > 10 * tolerance
