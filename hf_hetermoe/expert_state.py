@@ -24,7 +24,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from . import protocol as cmds
 from .expert_keys import ExpertTensorKey, parse_stock_state_name, stock_state_name
 from .expert_shard import optimizer_hyperparams, select_experts
-from .grad_norm import combine_squares, local_norm, to_host
+from .grad_norm import clip_coefficient, combine_squares, local_norm, to_host
 from .transport import wait
 
 if TYPE_CHECKING:
@@ -153,11 +153,7 @@ class ExpertState:
         if skip_if_nonfinite and not math.isfinite(self.last_norm):
             self.clip_coef = 1.0
             return total
-        # The coefficient as torch.nn.utils.clip_grads_with_norm_ computes it: in the norm's dtype (float32 for
-        # float32 gradients), not in Python's float64; a last-bit difference here is amplified by bf16 autocast.
-        # A CPU scalar, so reading it back costs no device synchronisation.
-        norm_cpu = torch.tensor(self.last_norm, dtype=total.dtype)
-        self.clip_coef = float(torch.clamp(max_norm / (norm_cpu + 1e-6), max=1.0))
+        self.clip_coef = clip_coefficient(max_norm, self.last_norm, total.dtype)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, self.clip_coef)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
@@ -56,3 +57,17 @@ def combine_squares(local_sq: float, group: Any, rank: int) -> float:
     wait(group.allreduce([total]), "the gradient-norm all-reduce", rank)
     return float(total[0])
 
+
+
+# numpy types for the dtypes whose arithmetic numpy does exactly as torch does (IEEE float32/float16).
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def clip_coefficient(max_norm: float, norm: float, dtype: torch.dtype) -> float:
+    """min(max_norm / (norm + 1e-6), 1) computed as torch.nn.utils.clip_grads_with_norm_ computes it: in the
+    norm's dtype (float32 for float32 gradients), not in Python's float64. A last-bit difference in the coefficient
+    is what bf16 autocast carries into the weights. On the host, so it costs no device synchronisation; bfloat16,
+    which numpy lacks, is computed in float64."""
+    as_dtype = _NUMPY_FLOAT.get(dtype, np.float64)
+    coef = as_dtype(max_norm) / (as_dtype(norm) + as_dtype(1e-6))
+    return float(min(coef, as_dtype(1.0)))

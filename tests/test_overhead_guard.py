@@ -157,3 +157,14 @@ def test_grouped_rows_equal_the_stock_experts_module(sources):
     torch.testing.assert_close(x_ours.grad, x_stock.grad, rtol=1e-6, atol=1e-6)
     for ours, p in zip(ours_grads, module.parameters()):
         torch.testing.assert_close(ours, p.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_clip_coefficient_is_torch_clip_coefficient_bit_for_bit(dtype):
+    from hf_hetermoe.grad_norm import clip_coefficient
+
+    g = torch.Generator().manual_seed(3)
+    for norm in (torch.rand(200, generator=g) * 4).to(dtype):
+        # torch.nn.utils.clip_grads_with_norm_: max_norm / (total_norm + 1e-6), clamped to 1, in the norm's dtype
+        reference = torch.clamp(0.5 / (norm + 1e-6), max=1.0).item()
+        assert clip_coefficient(0.5, norm.item(), dtype) == reference
