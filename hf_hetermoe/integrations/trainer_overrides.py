@@ -92,17 +92,23 @@ def _signature_problem(method: Callable, expected: tuple[str, ...]) -> str | Non
     return None
 
 
-def check_trainer_overrides(trainer_cls: type) -> None:
-    """Raise RuntimeError naming every listed method that `trainer_cls` lacks or whose parameters changed."""
+def _override_problems(cls: type, overrides) -> list[str]:
+    """What is wrong with `cls` for these overrides: each listed method that is missing or whose parameters changed."""
     problems = []
-    for override in TRAINER_OVERRIDES:
-        method = getattr(trainer_cls, override.name, None)
+    for override in overrides:
+        method = getattr(cls, override.name, None)
         if not callable(method):
-            problems.append(f"{trainer_cls.__name__}.{override.name} is missing")
+            problems.append(f"{cls.__name__}.{override.name} is missing")
             continue
         problem = _signature_problem(method, override.params)
         if problem is not None:
-            problems.append(f"{trainer_cls.__name__}.{override.name} {problem}")
+            problems.append(f"{cls.__name__}.{override.name} {problem}")
+    return problems
+
+
+def check_trainer_overrides(trainer_cls: type) -> None:
+    """Raise RuntimeError naming every listed method that `trainer_cls` lacks or whose parameters changed."""
+    problems = _override_problems(trainer_cls, TRAINER_OVERRIDES)
     if problems:
         import transformers
 
@@ -251,15 +257,7 @@ ACCELERATOR_OVERRIDES: tuple[Override, ...] = (
 
 def check_accelerator_overrides(accelerator_cls: type) -> None:
     """Raise RuntimeError naming every listed Accelerator method that is missing or whose parameters changed."""
-    problems = []
-    for override in ACCELERATOR_OVERRIDES:
-        method = getattr(accelerator_cls, override.name, None)
-        if not callable(method):
-            problems.append(f"{accelerator_cls.__name__}.{override.name} is missing")
-            continue
-        problem = _signature_problem(method, override.params)
-        if problem is not None:
-            problems.append(f"{accelerator_cls.__name__}.{override.name} {problem}")
+    problems = _override_problems(accelerator_cls, ACCELERATOR_OVERRIDES)
     if problems:
         import accelerate
 
