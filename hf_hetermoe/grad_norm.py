@@ -58,7 +58,6 @@ def combine_squares(local_sq: float, group: Any, rank: int) -> float:
     return float(total[0])
 
 
-
 # numpy types for the dtypes whose arithmetic numpy does exactly as torch does (IEEE float32/float16).
 _NUMPY_FLOAT = {torch.float32: np.float32, torch.float16: np.float16}
 

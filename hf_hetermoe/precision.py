@@ -68,6 +68,12 @@ _SCALER_STATES = "_per_optimizer_states"
 _FOUND_INF = "found_inf_per_device"
 
 
+def enabled_scaler(accelerator: Any) -> Any:
+    """The Accelerator's GradScaler when fp16 loss scaling is on, else None (no scaler, or a disabled one)."""
+    scaler = getattr(accelerator, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
 def check_grad_scaler(scaler: Any) -> None:
     """Raise RuntimeError, naming the private field, when the installed torch's GradScaler lacks it."""
     if scaler is None:

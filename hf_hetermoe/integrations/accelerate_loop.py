@@ -41,7 +41,7 @@ import torch
 from ..checkpoint import load_expert_optimizer, save_expert_optimizer
 from ..config import HeterMoEConfig
 from ..patching import apply_hetermoe, default_groups, get_engine, state_hooks
-from ..precision import check_grad_scaler, scaled_clip_grad_norm
+from ..precision import check_grad_scaler, enabled_scaler, scaled_clip_grad_norm
 
 _REFUSED = ("DEEPSPEED", "FSDP", "MEGATRON_LM", "XLA")
 
@@ -123,8 +123,7 @@ class _Loop:
         return any(id(p) in ours for p in parameters)
 
     def scaler(self) -> Any:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return scaler if scaler is not None and scaler.is_enabled() else None
+        return enabled_scaler(self.accelerator)
 
     def install(self) -> None:
         acc, state, hooks = self.accelerator, self.state, state_hooks(self.model)

@@ -24,7 +24,7 @@ import torch
 from .. import atomic_checkpoint
 from ..checkpoint import load_expert_optimizer, load_trainer_checkpoint, save_expert_optimizer
 from ..patching import state_hooks
-from ..precision import check_grad_scaler, scaled_clip_grad_norm
+from ..precision import check_grad_scaler, enabled_scaler, scaled_clip_grad_norm
 from ..versions import SUPPORTED
 
 if TYPE_CHECKING:
@@ -135,8 +135,7 @@ def install_trainer_overrides(
     def unscaled_scaler():
         """Unscale the attention gradients (fp16), as the stock clipping does first; the enabled scaler or None."""
         trainer.accelerator.unscale_gradients()
-        scaler = getattr(trainer.accelerator, "scaler", None)
-        return scaler if scaler is not None and scaler.is_enabled() else None
+        return enabled_scaler(trainer.accelerator)
 
     # fp16: a non-finite global norm marks the step skipped in the scaler (precision.py); check its fields now.
     check_grad_scaler(getattr(trainer.accelerator, "scaler", None))
