@@ -1,8 +1,11 @@
-"""Asym-EA: the expert placement a config's `asym_ea` asks for (pure Python, no torch).
+"""The expert placement a config asks for: its `asym_ea` and `expert_split` (pure Python, no torch).
 
 config.py builds it while validating (a placement that does not fit fails before any process group waits);
 asym_ea.py (the run time: memory checks, `auto` profiling) re-exports `placement_for`. The conventions of
-`asym_ea` are described in asym_ea.py.
+`asym_ea` are described in asym_ea.py. `expert_split` (with `asym_ea: off` only; config.py refuses both):
+`even` splits each layer's experts into equal blocks over the expert ranks, `proportional` into blocks
+proportional to each expert rank's expert speed (expert_speeds.py), a list into blocks proportional to those
+weights (`ExpertPlacement.weighted`: largest remainder, contiguous blocks in expert order).
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ if TYPE_CHECKING:
 
 
 def placement_for(config: HeterMoEConfig, *, layers: tuple[int, ...], num_experts: int, topology: Topology,
-                  offloads: dict[int, int] | None = None) -> ExpertPlacement:
-    """The placement the config asks for (`offloads` replaces `auto` once Algorithm 1 has run)."""
+                  offloads: dict[int, int] | None = None, speeds: dict[int, float] | None = None,
+                  device_names: list[str] | tuple[str, ...] | None = None, model_config=None) -> ExpertPlacement:
+    """The placement the config asks for (`offloads` replaces `auto` once Algorithm 1 has run).
+
+    `expert_split: proportional` takes the expert ranks' `speeds` when given, else computes them
+    (expert_speeds.py) from the emulated devices or `device_names` (every rank's reported GPU) and the
+    model's shape (`model_config`)."""
     if topology.mode == "colocated":
         if config.asym_ea != "off":
             raise ValueError("hetermoe config: `asym_ea` moves experts from expert ranks to attention ranks; it needs "
@@ -28,12 +36,37 @@ def placement_for(config: HeterMoEConfig, *, layers: tuple[int, ...], num_expert
         return ExpertPlacement.even(layers=layers, num_experts=num_experts, host_ranks=topology.host_ranks)
     asym = offloads if offloads is not None else config.asym_ea
     if asym == "off":
-        return ExpertPlacement.even(layers=layers, num_experts=num_experts, host_ranks=topology.expert_ranks)
+        return _split(config, layers=layers, num_experts=num_experts, topology=topology, speeds=speeds,
+                      device_names=device_names, model_config=model_config)
     if isinstance(asym, dict):
         return _from_offloads(asym, layers=layers, num_experts=num_experts, topology=topology)
     if isinstance(asym, str) and asym.endswith(".json"):
         return _from_file(asym, layers=layers, num_experts=num_experts, topology=topology)
     raise AssertionError(f"unresolved asym_ea {asym!r}")
+
+
+def _split(config: HeterMoEConfig, *, layers, num_experts: int, topology: Topology, speeds, device_names,
+           model_config) -> ExpertPlacement:
+    split = getattr(config, "expert_split", "even")
+    if split == "even":
+        return ExpertPlacement.even(layers=layers, num_experts=num_experts, host_ranks=topology.expert_ranks)
+    if split == "proportional":
+        if speeds is None:
+            from .expert_speeds import expert_speeds
+
+            speeds = expert_speeds(ranks=topology.expert_ranks, emulation=config.emulation, device_names=device_names,
+                                   model_config=model_config)
+        missing = [r for r in topology.expert_ranks if r not in speeds]
+        if missing:
+            raise ValueError(f"hetermoe: `expert_split: proportional` has no speed for expert rank(s) {missing}.")
+        weights = [speeds[r] for r in topology.expert_ranks]
+    else:
+        weights = list(split)
+    try:
+        return ExpertPlacement.weighted(layers=layers, num_experts=num_experts, host_ranks=topology.expert_ranks,
+                                        weights=weights)
+    except ValueError as exc:
+        raise ValueError(f"hetermoe config: `expert_split`: {exc}") from None
 
 
 def _from_offloads(counts: dict[int, int], *, layers, num_experts: int, topology: Topology) -> ExpertPlacement:

@@ -8,6 +8,7 @@ A config file looks like::
     mode: disaggregated          # or colocated (every rank runs attention and holds 1/W of the experts)
     zebra: {microbatches: 2}     # R: stripes per micro-batch (default 2 disaggregated, 1 colocated)
     asym_ea: off                 # off | auto | {layer: experts moved per expert rank}
+    expert_split: even           # even | proportional (to each expert rank's device speed) | [w0, w1, ...]
     timeout_s: 300               # how long a data-path collective may wait before it fails
     check_finite: true           # report NaN/inf in expert outputs and gradients (layer, expert, rank)
 
@@ -122,6 +123,8 @@ class HeterMoEConfig:
     mode: str = "disaggregated"
     zebra: ZebraConfig = field(default_factory=ZebraConfig)
     asym_ea: str | dict[int, int] = "off"
+    # Experts of every layer per expert rank: "even", "proportional" (expert_speeds.py) or weights per expert rank.
+    expert_split: str | tuple[float, ...] = "even"
     timeout_s: float = 300.0
     emulation: EmulationConfig | None = None  # device emulation for CPU benchmarks (see emulation.py)
     # Count NaN/inf in expert outputs and gradients and report them with layer, expert and rank (numerics.py).
@@ -191,6 +194,8 @@ class HeterMoEConfig:
             "zebra": {k: v for k, v in (("microbatches", self.zebra.microbatches),
                                         ("expert_recompute", self.zebra.expert_recompute)) if v is not None},
             "asym_ea": dict(self.asym_ea) if isinstance(self.asym_ea, dict) else self.asym_ea,
+            "expert_split": ([int(w) if float(w).is_integer() else w for w in self.expert_split]
+                             if isinstance(self.expert_split, tuple) else self.expert_split),
             "timeout_s": self.timeout_s,
             "emulation": self.emulation.to_dict() if self.emulation is not None else None,
             "check_finite": self.check_finite,
@@ -265,6 +270,8 @@ class HeterMoEConfig:
             raise _fail("asym_ea", "moves experts from expert ranks to attention ranks, and colocated mode has no "
                         "expert ranks", "Use `asym_ea: off` with `mode: colocated`, or `mode: disaggregated`.")
 
+        out["expert_split"] = _validate_expert_split(data.get("expert_split", "even"), mode, asym)
+
         timeout = data.get("timeout_s", 300.0)
         if (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout)
                 or not 0 < timeout <= MAX_TIMEOUT_S):
@@ -337,7 +344,11 @@ class HeterMoEConfig:
                 "place. Train it without HeterMoE."
             )
         hosts = len(topology.host_ranks)
-        if num_experts % hosts != 0:
+        weighted = self.expert_split != "even"
+        if isinstance(self.expert_split, tuple) and len(self.expert_split) != len(topology.expert_ranks):
+            raise _fail("expert_split", f"gives {len(self.expert_split)} weights for {len(topology.expert_ranks)} expert "
+                        f"ranks {_show(list(topology.expert_ranks))}", "Give one weight per expert rank, in rank order.")
+        if num_experts % hosts != 0 and not weighted:
             raise ValueError(
                 f"hetermoe: the model has {num_experts} experts per layer, which do not divide evenly over "
                 f"{hosts} expert-holding ranks ({_show(list(topology.host_ranks))}). Use a number of expert ranks that "
@@ -357,10 +368,13 @@ class HeterMoEConfig:
                     "asym_ea", f"moves {_show(too_many)} experts per expert rank, but each expert rank holds only "
                     f"{per_rank} of a layer's {num_experts}", f"Move at most {per_rank} per layer.",
                 )
-        if self.asym_ea != "auto" and topology.mode == "disaggregated":
+        # Proportional without emulation needs every rank's reported GPU: checked where apply_hetermoe places experts.
+        speeds_known = self.expert_split != "proportional" or self.emulation is not None
+        if self.asym_ea != "auto" and topology.mode == "disaggregated" and speeds_known:
             # Build the placement now (it is cheap), so one that does not fit (moved experts that do not split over
             # the attention ranks, a placement file that does not match the model) fails before any group waits.
-            placement_for(self, layers=moe_layers, num_experts=num_experts, topology=topology)
+            placement_for(self, layers=moe_layers, num_experts=num_experts, topology=topology,
+                          model_config=model_config)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -435,6 +449,32 @@ def _validate_asym_ea(value: Any) -> str | dict[int, int]:
         return out
     raise _fail("asym_ea", f"is {_show(value)}",
                 "Use off, auto, a mapping {layer: experts moved per expert rank}, or a placement .json file.")
+
+
+def _validate_expert_split(value: Any, mode: str, asym: Any) -> str | tuple[float, ...]:
+    if isinstance(value, str) and value in ("even", "proportional"):
+        split: str | tuple[float, ...] = value
+    elif isinstance(value, (list, tuple)):
+        if not value or len(value) > MAX_WORLD_SIZE:
+            raise _fail("expert_split", f"lists {len(value)} weights", "Give one weight per expert rank, e.g. [2, 1].")
+        for w in value:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise _fail("expert_split", f"holds the weight {_show(w)}",
+                            "Weights are finite numbers >= 0 (relative expert speeds), e.g. [2, 1].")
+        if not sum(value) > 0:
+            raise _fail("expert_split", "has weights that are all 0", "Give at least one expert rank a weight > 0.")
+        split = tuple(float(w) for w in value)
+    else:
+        raise _fail("expert_split", f"is {_show(value)}",
+                    "Use even, proportional (to each expert rank's device speed) or weights per expert rank, e.g. [2, 1].")
+    if split != "even" and mode == "colocated":
+        raise _fail("expert_split", f"is {_show(value)} in colocated mode, where every rank holds 1/W of the experts",
+                    "Use `expert_split: even` with `mode: colocated`, or `mode: disaggregated`.")
+    if split != "even" and asym != "off":
+        raise _fail("expert_split", f"is {_show(value)} together with `asym_ea: {_show(asym)}`; Asym-EA's counts move "
+                    "experts off an even split", "Use one of them (`asym_ea: off`), or give the whole placement as a "
+                    "file (`asym_ea: placement.json`, which `hetermoe plan` writes).")
+    return split
 
 
 def _divisors(n: int, near: int) -> list[int]:

@@ -143,6 +143,8 @@ class HeterMoEGroups:
     # experts, and an older patched model must not use them.
     generation: int = 0
     device_abort: health.DeviceAbort | None = None  # shared by the NCCL groups' Works; None without NCCL groups
+    # Every global rank's reported GPU name (launch_facts.py), in rank order; None outside `hetermoe launch`.
+    device_names: tuple[str, ...] | None = None
     closed: bool = field(default=False, init=False)
 
     @property

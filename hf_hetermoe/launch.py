@@ -268,7 +268,8 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
     try:
         device = _device(local_rank)
         capability = _capability(device)
-        mine = launch_facts.facts_of_this_process(rank, local_rank, capability)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        mine = launch_facts.facts_of_this_process(rank, local_rank, capability, device_name)
     except Exception as exc:
         # The others wait for this rank's facts: tell them why it will not come, so they fail now, named.
         launch_facts.report_failure(store, rank, f"{type(exc).__name__}: {exc}")
@@ -308,6 +309,7 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
 def _run_role(config: HeterMoEConfig, attention_main: Callable[[], None], store: dist.Store, topology: Topology,
               rank: int, device: torch.device, facts: list[RankFacts]) -> None:
     groups = HeterMoEGroups.from_store(store, rank=rank, topology=topology, timeout_s=config.timeout_s, device=device)
+    groups.device_names = tuple(f.device_name for f in facts)  # ranks expert speeds (expert_split: proportional)
     succeeded = False
     try:
         if topology.is_attention(rank):

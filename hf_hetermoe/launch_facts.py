@@ -1,4 +1,5 @@
-"""What every rank of a job reports about itself before roles are decided: its machine, host, local rank and GPU.
+"""What every rank of a job reports about itself before roles are decided: its machine, host, local rank and GPU
+(generation and name; the name ranks expert speeds for `expert_split: proportional`, expert_speeds.py).
 
 Roles (which ranks run attention, how ranks group into machines) are derived from these facts, never from
 arithmetic such as `rank // LOCAL_WORLD_SIZE`, which is wrong when machines run different numbers of processes
@@ -31,15 +32,17 @@ class RankFacts:
     host: str
     local_rank: int
     capability: tuple[int, int]  # CUDA compute capability of its device; (0, 0) on CPU
+    device_name: str = ""  # torch.cuda.get_device_name, or "cpu"
 
     def to_json(self) -> str:
         return json.dumps({"rank": self.rank, "machine": self.machine, "host": self.host,
-                           "local_rank": self.local_rank, "capability": list(self.capability)})
+                           "local_rank": self.local_rank, "capability": list(self.capability),
+                           "device_name": self.device_name})
 
     @classmethod
     def from_dict(cls, data: dict) -> "RankFacts":
         return cls(rank=data["rank"], machine=data["machine"], host=data["host"], local_rank=data["local_rank"],
-                   capability=tuple(data["capability"]))
+                   capability=tuple(data["capability"]), device_name=data.get("device_name", ""))
 
 
 def machine_of_this_process(environ: "os._Environ[str] | dict[str, str] | None" = None) -> int | None:
@@ -57,10 +60,10 @@ def machine_of_this_process(environ: "os._Environ[str] | dict[str, str] | None" 
     return None
 
 
-def facts_of_this_process(rank: int, local_rank: int, capability: tuple[int, int]) -> RankFacts:
+def facts_of_this_process(rank: int, local_rank: int, capability: tuple[int, int], device_name: str = "") -> RankFacts:
     machine = machine_of_this_process()
     return RankFacts(rank=rank, machine=-1 if machine is None else machine, host=socket.gethostname(),
-                     local_rank=local_rank, capability=tuple(capability))
+                     local_rank=local_rank, capability=tuple(capability), device_name=device_name)
 
 
 def report_failure(store: Any, rank: int, message: str) -> None:
@@ -108,7 +111,7 @@ def number_machines(facts: list[RankFacts]) -> list[RankFacts]:
     for f in facts:
         hosts.setdefault(f.host, len(hosts))
     return [RankFacts(rank=f.rank, machine=hosts[f.host], host=f.host, local_rank=f.local_rank,
-                      capability=f.capability) for f in facts]
+                      capability=f.capability, device_name=f.device_name) for f in facts]
 
 
 def check_machines(facts: list[RankFacts]) -> None:

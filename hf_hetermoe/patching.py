@@ -236,7 +236,7 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         offloads = auto_placement_counts(model, family, config, groups, num_seqs=workload[0], seq_len=workload[1])
     placement = placement_for(
         config, layers=family.moe_layers(model.config), num_experts=family.num_experts(model.config),
-        topology=groups.topology, offloads=offloads,
+        topology=groups.topology, offloads=offloads, device_names=groups.device_names, model_config=model.config,
     )
     frozen = _experts_frozen(model, family, slots)
     first = model.get_submodule(slots[0].path)

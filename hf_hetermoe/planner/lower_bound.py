@@ -29,8 +29,16 @@ class LowerBound:
 
 
 def lower_bound(setup: Setup) -> LowerBound:
-    groups = [setup.cluster.attention, setup.cluster.expert]
-    labels = list(setup.cluster.labels)
+    c = setup.cluster
+    if c.mixed_attention or c.mixed_expert:  # roles do not matter here: one group per GPU kind
+        from .cluster import DeviceGroup
+
+        kinds: dict[str, DeviceGroup] = {}
+        for d in c.devices:
+            kinds[d.name] = DeviceGroup(count=kinds[d.name].count + 1 if d.name in kinds else 1, device=d)
+        groups, labels = list(kinds.values()), [f"{g.count}x{g.name}" for g in kinds.values()]
+    else:
+        groups, labels = [c.attention, c.expert], list(c.labels)
     work = [iteration_work(setup, g.device) for g in groups]
     k = len(groups)
     # x = [a_0..a_{k-1}, e_0..e_{k-1}, T]

@@ -45,7 +45,8 @@ def _run(prog: str, body, argv: list[str]) -> int:
 
 def _setup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", required=True,
-                   help="COUNTxGPU,COUNTxGPU (e.g. 6xA40,6xV100) or a preset: O1, O2, O3, C1, C2")
+                   help="COUNTxGPU,... (e.g. 6xA40,6xV100 or 2xA100,4xV100,4xT4: the newest kind attends), roles given "
+                        "explicitly (attention:2xA100;experts:4xV100,4xT4), or a preset: O1, O2, O3, C1, C2")
     p.add_argument("--model", help=f"preset ({', '.join(MODEL_PRESETS)}) or a HF config.json path; "
                                    "default: the model of --profile")
     p.add_argument("--seq-len", type=int, help="tokens per sequence; default: the sequence length of --profile")
@@ -83,9 +84,32 @@ def _setup_from(args: argparse.Namespace) -> Setup:
                  checkpointing=not args.no_checkpointing, routing=routing)
 
 
+def _pools(setup: Setup) -> str:
+    """Which rank is which GPU when a pool mixes kinds, and what the planner assumes about them."""
+    c, lines = setup.cluster, []
+
+    def spans(ranks, devices) -> str:
+        out, start = [], 0
+        for i in range(1, len(ranks) + 1):
+            if i == len(ranks) or devices[i].name != devices[start].name:
+                a, b = ranks[start], ranks[i - 1]
+                out.append(f"{devices[start].name} (rank{'s' if b > a else ''} {a}{'-' + str(b) if b > a else ''})")
+                start = i
+        return ", ".join(out)
+
+    if c.mixed_attention:
+        lines.append(f"attention {spans(c.attention_ranks, c.attention_devices)}: every attention rank gets the same "
+                     "batch share (the stock Trainer gives every data-parallel rank the same per-device batch), so "
+                     "the slowest paces the others; the planner assumes exactly that")
+    if c.mixed_expert:
+        lines.append(f"experts  {spans(c.expert_ranks, c.expert_devices)}: launch the expert ranks on these GPUs in "
+                     "this order (the config's expert_split lists one count per expert rank)")
+    return "".join(f"\n{line}" for line in lines)
+
+
 def _describe(setup: Setup) -> str:
     s = setup.shape
-    return (f"cluster  {setup.cluster.describe()}\n"
+    return (f"cluster  {setup.cluster.describe()}{_pools(setup)}\n"
             f"model    {s.name}: {s.num_layers} layers, hidden {s.hidden_size}, {s.num_experts} experts (top-{s.top_k}),"
             f" {s.total_params / 1e9:.2f}B params, {s.dtype}\n"
             f"batch    {setup.global_batch} sequences x {setup.seq_len} tokens = {setup.tokens:,} tokens per iteration"
@@ -132,6 +156,10 @@ def _plan(argv: list[str]) -> int:
     print(f"chosen   {chosen.strategy} with R={chosen.microbatches} micro-batches: "
           f"{chosen.tokens_per_s:,.0f} tokens/s, {plan.lower_bound.iteration_s / chosen.iteration_s:.0%} of the bound"
           + (f"; {chosen.note}" if chosen.note else ""))
+    if chosen.split:
+        c = setup.cluster
+        print("split    experts of every layer per expert GPU (proportional to expert speed, within memory): "
+              + ", ".join(f"rank {r} ({c.device_of(r).name}) {k}" for r, k in zip(c.expert_ranks, chosen.split)))
     if chosen.offloads and any(chosen.offloads):
         print(f"asym-ea  experts moved per expert GPU, by layer: {list(chosen.offloads)}")
         for layer, o in enumerate(chosen.offloads):
@@ -147,7 +175,8 @@ def _plan(argv: list[str]) -> int:
 
 # ---- hetermoe simulate -------------------------------------------------------------------------------------
 _STRATEGY_ALIASES = {"ep": "EP", "ep-ideal": "EP(Ideal)", "ep(ideal)": "EP(Ideal)", "distep": "DistEP", "zp": "ZP",
-                     "zp+asym-ea": "ZP+Asym-EA", "asym-ea": "ZP+Asym-EA", "zp-asym": "ZP+Asym-EA", "all": "all"}
+                     "zp+asym-ea": "ZP+Asym-EA", "asym-ea": "ZP+Asym-EA", "zp-asym": "ZP+Asym-EA",
+                     "zp+proportional": "ZP+proportional", "proportional": "ZP+proportional", "all": "all"}
 
 
 def _parse_asym(text: str | None) -> str | list[int] | dict[int, int]:
@@ -170,7 +199,8 @@ def main_simulate(argv: list[str]) -> int:
 def _simulate(argv: list[str]) -> int:
     p = _Parser(prog="hetermoe simulate", description="Simulate one strategy (or all) and print its metrics.")
     _setup_arguments(p)
-    p.add_argument("--strategy", default="all", help="ep, ep-ideal, distep, zp, zp+asym-ea or all")
+    p.add_argument("--strategy", default="all",
+                   help="ep, ep-ideal, distep, zp, zp+asym-ea, zp+proportional (a mixed expert pool) or all")
     p.add_argument("--microbatches", type=int, help="R for zp / zp+asym-ea (default: the best)")
     p.add_argument("--asym-ea", help="off | auto | per-layer counts 1,0,2 | JSON {layer: count}")
     p.add_argument("--config", help="a hetermoe YAML config: its mode, zebra.microbatches and asym_ea are used")
@@ -180,19 +210,29 @@ def _simulate(argv: list[str]) -> int:
     from ..config import HeterMoEConfig
     from .gantt import draw_gantt
     from .lower_bound import lower_bound
-    from .strategies import run_distep, run_ep, run_ep_ideal, run_zp, run_zp_asym
+    from .strategies import run_distep, run_ep, run_ep_ideal, run_zp, run_zp_asym, run_zp_split
     from .tables import results_table
     setup = _setup_from(args)
     strategy = _STRATEGY_ALIASES.get(args.strategy.lower())
     if strategy is None:
         raise ValueError(f"--strategy {args.strategy!r} is unknown. Use one of {sorted(set(_STRATEGY_ALIASES))}.")
     r, asym = args.microbatches, _parse_asym(args.asym_ea)
+    counts = None
     if args.config:
         cfg = HeterMoEConfig.from_yaml(args.config)
         r = cfg.zebra.microbatches
         asym = cfg.asym_ea
         strategy = "EP" if cfg.mode == "colocated" else ("ZP" if asym == "off" else "ZP+Asym-EA")
-        if strategy == "ZP" and r == 1:
+        if cfg.expert_split != "even":
+            strategy = "ZP+proportional"
+            if isinstance(cfg.expert_split, tuple):  # weights: the counts the runtime places
+                from ..placement import split_counts
+
+                if len(cfg.expert_split) != setup.cluster.num_expert:
+                    raise ValueError(f"{args.config}: `expert_split` gives {len(cfg.expert_split)} weights for the "
+                                     f"cluster's {setup.cluster.num_expert} expert GPUs.")
+                counts = split_counts(setup.shape.num_experts, cfg.expert_split)
+        elif strategy == "ZP" and r == 1:
             strategy = "DistEP"
     if strategy == "ZP" and asym not in (None, "off"):
         strategy = "ZP+Asym-EA"
@@ -209,8 +249,11 @@ def _simulate(argv: list[str]) -> int:
     runners = {
         "EP": lambda: run_ep(setup), "EP(Ideal)": lambda: run_ep_ideal(setup), "DistEP": lambda: run_distep(setup),
         "ZP": lambda: run_zp(setup, r), "ZP+Asym-EA": lambda: run_zp_asym(setup, r, offloads=offloads),
+        "ZP+proportional": lambda: run_zp_split(setup, r, counts=counts),
     }
     names = list(runners) if strategy == "all" else [strategy]
+    if strategy == "all" and not setup.cluster.mixed_expert:
+        names.remove("ZP+proportional")  # the same as ZP on an expert pool of one kind
     results, problems = {}, {}
     for name in names:
         try:
@@ -225,6 +268,8 @@ def _simulate(argv: list[str]) -> int:
     for name, res in results.items():
         if res.offloads and any(res.offloads):
             print(f"{name}: experts moved per expert GPU, by layer: {list(res.offloads)}")
+        if res.split:
+            print(f"{name}: experts of every layer per expert GPU: {list(res.split)}")
     if args.gantt:
         last = next((res for res in reversed(list(results.values())) if res.sim is not None), None)
         if last is not None:

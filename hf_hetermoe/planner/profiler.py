@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .model_shape import ModelShape
-from .profiles import BUILTIN_GPUS
+from .profiles import canonical_device_name
 
 _TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -147,14 +147,6 @@ def _measure(module: nn.Module, make_inputs: Callable[[], tuple], device: torch.
         module.zero_grad(set_to_none=True)
     return {"fwd_s": statistics.median(fwd), "bwd_s": statistics.median(bwd), "saved_bytes": saved_bytes,
             "peak_bytes": peak}
-
-
-def canonical_device_name(description: str) -> str:
-    """'Tesla V100-SXM2-32GB' -> 'V100' (the longest built-in name it contains), else a cleaned-up name."""
-    hits = [name for name in BUILTIN_GPUS if name.lower() in description.lower()]
-    if hits:
-        return max(hits, key=len)
-    return "".join(ch if ch.isalnum() else "-" for ch in description).strip("-") or "device"
 
 
 def _device_facts(device: torch.device) -> dict[str, Any]:

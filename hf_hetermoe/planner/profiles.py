@@ -188,6 +188,14 @@ def builtin_profile(name: str) -> DeviceProfile:
     return BUILTIN_GPUS[key]
 
 
+def canonical_device_name(description: str) -> str:
+    """'Tesla V100-SXM2-32GB' -> 'V100' (the longest built-in name it contains), else a cleaned-up name."""
+    hits = [name for name in BUILTIN_GPUS if name.lower() in description.lower()]
+    if hits:
+        return max(hits, key=len)
+    return "".join(ch if ch.isalnum() else "-" for ch in description).strip("-") or "device"
+
+
 # ---- calibration check against the paper's Figure 2 --------------------------------------------------------
 MIXTRAL_8X7B = ModelShape(
     name="Mixtral-8x7B", num_layers=32, hidden_size=4096, intermediate_size=14336, num_experts=8, top_k=2,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .lower_bound import LowerBound
-from .strategies import EP, STRATEGIES, StrategyResult
+from .strategies import EP, TABLE_ORDER, StrategyResult
 from .workload import Setup
 
 
@@ -19,7 +19,7 @@ def results_table(setup: Setup, results: dict[str, StrategyResult], bound: Lower
         [f"bubble {x} (s)" for x in labels]
     rows = []
     ep = results.get(EP)
-    for name in STRATEGIES:
+    for name in TABLE_ORDER:
         if name not in results:
             if name in problems:
                 rows.append([name, "-", "-", "-", "-", "-"] + ["-"] * (2 * len(labels)))
@@ -30,7 +30,7 @@ def results_table(setup: Setup, results: dict[str, StrategyResult], bound: Lower
             [name + mark, str(r.microbatches) if name != "EP(Ideal)" else "-", f"{r.iteration_s:.3f}",
              _fmt_tokens(r.tokens_per_s), f"{ep.iteration_s / r.iteration_s:.2f}x" if ep else "-",
              f"{bound.iteration_s / r.iteration_s:.0%}"]
-            + [f"{r.utilisation.get(x, float('nan')):.0%}" for x in labels]
+            + [f"{r.utilisation[x]:.0%}" if x in r.utilisation else "-" for x in labels]
             + [f"{r.bubble_s[x]:.3f}" if x in r.bubble_s else "-" for x in labels]
         )
     rows.append(["lower bound", "-", f"{bound.iteration_s:.3f}", _fmt_tokens(setup.tokens / bound.iteration_s), "-",

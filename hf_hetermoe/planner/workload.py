@@ -50,7 +50,7 @@ class Setup:
                 f"planner: --global-batch {self.global_batch} does not split over {m} attention GPUs. "
                 f"Use a multiple of {m} (e.g. {default_global_batch(self.cluster)})."
             )
-        if n % n_exp != 0:
+        if n % n_exp != 0 and not self.cluster.mixed_expert:  # a mixed pool may still split by weight (pools.py)
             divisors = [d for d in range(1, n + 1) if n % d == 0]
             raise ValueError(
                 f"planner: the model's {n} experts per layer do not divide over {n_exp} expert GPUs "
