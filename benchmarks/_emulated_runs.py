@@ -46,8 +46,11 @@ def run_one(run: dict, base: dict) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       callbacks=[HeterMoECallback(HeterMoEConfig.from_dict(config)), steps])
     trainer.train()
+    from hf_hetermoe import get_engine
+
+    engine = get_engine(trainer.model)  # the placement the run used (e.g. an expert_split's), for the prediction
     return {"name": run["name"], "step_ends": steps.ends, "log_history": trainer.state.log_history,
-            "batch_size": run["batch_size"]}
+            "batch_size": run["batch_size"], "placement": engine.placement.to_dict() if engine is not None else None}
 
 
 def main() -> None:
