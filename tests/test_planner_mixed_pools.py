@@ -132,6 +132,13 @@ def test_the_plan_picks_proportional_on_a_v100_t4_pool(tmp_path, capsys):
     assert "ZP+proportional *" in out and "rank 4 (T4)" in out and "not applicable" in out
     cfg = HeterMoEConfig.from_yaml(tmp_path / "hetermoe_plan.yaml")
     assert cfg.expert_split == tuple(float(x) for x in split) and cfg.expert_ranks == (2, 3, 4, 5)
+    # `hetermoe simulate --config` reads the split back and predicts the same iteration.
+    from hf_hetermoe.planner.plan_cli import main_simulate
+
+    assert main_simulate(["--cluster", "2xA40,2xV100,2xT4", "--model", "D1", "--seq-len", "8192", "--global-batch",
+                          "8", "--config", str(tmp_path / "hetermoe_plan.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"{plan.chosen.iteration_s:.3f}" in out and f"per expert GPU: {list(split)}" in out
 
 
 def test_mixed_attention_kinds_keep_asym_ea_and_say_what_they_assume(tmp_path, capsys):

@@ -87,6 +87,9 @@ class ClusterSpec:
     def __repr__(self) -> str:
         return f"ClusterSpec({self.describe()})"
 
+    def __reduce__(self):  # pickle and copy rebuild through __init__ (the slots are read-only)
+        return _rebuild_cluster, tuple(getattr(self, k) for k in self.__slots__)
+
     # ---- pools of one kind (the paper's case) ----------------------------------------------------------
     @property
     def attention(self) -> DeviceGroup:
@@ -186,9 +189,6 @@ class ClusterSpec:
 def _rebuild_cluster(attention_pool, expert_pool, link_gbps, name, latency_s, link_efficiency) -> ClusterSpec:
     return ClusterSpec(attention=attention_pool, expert=expert_pool, link_gbps=link_gbps, name=name,
                        latency_s=latency_s, link_efficiency=link_efficiency)
-
-
-ClusterSpec.__reduce__ = lambda self: (_rebuild_cluster, tuple(getattr(self, k) for k in ClusterSpec.__slots__))
 
 _ROLES = {"attention": "attention", "attn": "attention", "experts": "expert", "expert": "expert"}
 
