@@ -97,6 +97,12 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else (0, 0)
 
 
+def _device_name(device: torch.device) -> str:
+    """The GPU name every rank reports (it ranks expert speeds for `expert_split: proportional`); the device type
+    where CUDA is absent."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
+
+
 def _uses_cpu(environ: "os._Environ[str] | dict[str, str]") -> bool:
     return environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
@@ -268,8 +274,7 @@ def run_rank(config: HeterMoEConfig, attention_main: Callable[[], None]) -> None
     try:
         device = _device(local_rank)
         capability = _capability(device)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        mine = launch_facts.facts_of_this_process(rank, local_rank, capability, device_name)
+        mine = launch_facts.facts_of_this_process(rank, local_rank, capability, _device_name(device))
     except Exception as exc:
         # The others wait for this rank's facts: tell them why it will not come, so they fail now, named.
         launch_facts.report_failure(store, rank, f"{type(exc).__name__}: {exc}")
