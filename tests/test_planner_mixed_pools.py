@@ -148,3 +148,14 @@ def test_mixed_attention_kinds_keep_asym_ea_and_say_what_they_assume(tmp_path, c
                       "--max-microbatches", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "same batch share" in out and "slowest" in out and "ZP+proportional" not in out
+
+
+def test_experts_that_do_not_divide_over_a_mixed_pool_still_split_by_weight():
+    from hf_hetermoe.planner.planning import make_plan
+
+    setup = Setup(cluster=parse_cluster("2xA40,2xV100,3xT4"), shape=resolve_model("D1"), seq_len=8192,
+                  global_batch=8)  # 24 experts over 5 expert GPUs
+    plan = make_plan(setup, max_microbatches=2)
+    assert "even split needs the 5 expert GPUs" in plan.problems["ZP"]
+    assert plan.chosen.strategy == "ZP+proportional" and sum(plan.chosen.split) == 24
+

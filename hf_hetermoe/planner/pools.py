@@ -45,14 +45,6 @@ def proportional_counts(setup: Setup, r: int) -> tuple[int, ...]:
     return split_counts(setup.shape.num_experts, expert_speeds(setup, r), expert_caps_per_layer(setup))
 
 
-def even_counts(setup: Setup) -> tuple[int, ...]:
-    n, n_exp = setup.shape.num_experts, setup.cluster.num_expert
-    if n % n_exp:
-        raise ValueError(f"planner: the model's {n} experts per layer do not split evenly over {n_exp} expert GPUs; "
-                         "only a weighted split (proportional) can place them.")
-    return (n // n_exp,) * n_exp
-
-
 def split_rows(setup: Setup, counts: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """owner[layer][expert] rows (planner ranks) for per-expert-rank counts, every layer alike."""
     from ..placement import ExpertPlacement

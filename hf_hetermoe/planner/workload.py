@@ -173,6 +173,9 @@ def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None, *,
             raise ValueError("planner: give Asym-EA `offloads` or an explicit `placement`, not both.")
         owners = owner_rows(placement, num_layers=shape.num_layers, num_experts=n, world_size=c.world_size)
     else:
+        if n % n_exp:  # only a mixed expert pool gets here (Setup refuses the rest)
+            raise ValueError(f"planner: the even split needs the {n_exp} expert GPUs to divide the model's {n} experts "
+                             "per layer; a weighted split (ZP+proportional, `expert_split`) can place them.")
         offloads = offloads or [0] * shape.num_layers
         check_offloads(setup, offloads)
         owners = placement_from_offloads(num_experts=n, attention_ranks=attention_ranks,
