@@ -1,6 +1,7 @@
 """Golden test of an uneven expert split: 1 attention rank + 2 expert ranks, `expert_split: proportional` under
 emulated A40 / V100 / T4 devices (the V100 takes 3 of each layer's 4 experts, the T4 one), equals stock
-single-process training step for step (losses, grad norms, final weights), and its checkpoint is stock."""
+single-process training step for step (losses, grad norms, final weights), and its checkpoint is stock: it loads
+in plain transformers, and a run resumed from it with the even split reaches the same weights."""
 
 import pytest
 from transformers import MixtralForCausalLM
@@ -27,3 +28,7 @@ def test_proportional_split_over_v100_and_t4_equals_stock(tmp_path):
     assert_same_weights(tmp_path / "stock_final", tmp_path / "mixed_final")
     # The mid-run checkpoint written with the uneven split loads in plain transformers.
     assert isinstance(MixtralForCausalLM.from_pretrained(tmp_path / "mixed" / "checkpoint-4"), MixtralForCausalLM)
+    resumed = {"output_dir": str(tmp_path / "mixed"), "final_dir": str(tmp_path / "resumed_even"),
+               "resume_from": str(tmp_path / "mixed" / "checkpoint-4")}
+    spawn(3, train_under_launcher, {"attention_ranks": [0]}, resumed)
+    assert_same_weights(tmp_path / "stock_final", tmp_path / "resumed_even")
