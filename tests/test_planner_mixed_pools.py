@@ -29,6 +29,11 @@ def test_an_explicit_placement_simulates_like_the_same_offloads(routing):
     owner = {10 + 3 * i: row for i, row in enumerate(rows)}
     assert simulate_zebra(setup, 2, placement=owner).makespan == by_offloads
     assert zebra_costs(setup, 2, placement=rows) == zebra_costs(setup, 2, offloads)
+    # a job whose expert ranks come first: renumbered into the planner's ranks
+    from hf_hetermoe.planner.workload import runtime_rows
+
+    swapped = {layer: tuple({0: 2, 1: 3, 2: 0, 3: 1}[x] for x in row) for layer, row in enumerate(rows)}
+    assert runtime_rows(swapped, attention_ranks=(2, 3), expert_ranks=(0, 1)) == rows
 
 
 def test_an_explicit_placement_charges_each_holder_its_own_experts():

@@ -152,6 +152,19 @@ def owner_rows(placement, *, num_layers: int, num_experts: int, world_size: int)
     return rows
 
 
+def runtime_rows(owner, *, attention_ranks, expert_ranks) -> tuple[tuple[int, ...], ...]:
+    """A runtime placement (`ExpertPlacement.owner`, or {layer: row}) in the planner's rank numbering: the job's
+    attention ranks become 0..M-1 and its expert ranks M..W-1, each in the order given (the order of the
+    cluster's per-rank devices)."""
+    order = {rank: i for i, rank in enumerate(tuple(attention_ranks) + tuple(expert_ranks))}
+    owner = getattr(owner, "owner", owner)
+    try:
+        return tuple(tuple(order[r] for r in owner[layer]) for layer in sorted(owner))
+    except KeyError as exc:
+        raise ValueError(f"planner: the placement names rank {exc.args[0]}, which is neither an attention nor an "
+                         "expert rank given.") from None
+
+
 def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None, *,
                 placement=None) -> ZebraCosts:
     """Disaggregated costs for R = r micro-batches, with Asym-EA offloads o_l (None: no Asym-EA) or an explicit
