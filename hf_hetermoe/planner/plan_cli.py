@@ -103,7 +103,7 @@ def _pools(setup: Setup) -> str:
                      "the slowest paces the others; the planner assumes exactly that")
     if c.mixed_expert:
         lines.append(f"experts  {spans(c.expert_ranks, c.expert_devices)}: launch the expert ranks on these GPUs in "
-                     "this order (the config's expert_split lists one count per expert rank)")
+                     "this order (a weighted expert_split lists one count per expert rank)")
     return "".join(f"\n{line}" for line in lines)
 
 
