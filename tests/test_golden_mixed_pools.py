@@ -32,3 +32,13 @@ def test_proportional_split_over_v100_and_t4_equals_stock(tmp_path):
                "resume_from": str(tmp_path / "mixed" / "checkpoint-4")}
     spawn(3, train_under_launcher, {"attention_ranks": [0]}, resumed)
     assert_same_weights(tmp_path / "stock_final", tmp_path / "resumed_even")
+
+
+def test_proportional_on_devices_without_a_profile_fails_at_once_everywhere(tmp_path):
+    """CPU ranks without emulation cannot be ranked by speed: every rank stops within seconds, told why."""
+    with pytest.raises(AssertionError) as info:
+        spawn(3, train_under_launcher, {"attention_ranks": [0], "expert_split": "proportional"},
+              {"output_dir": str(tmp_path / "cpu"), "max_steps": 2}, timeout=120)
+    message = str(info.value)
+    assert "rank 1 runs on the reported device 'cpu'" in message and "expert_split: [2, 1]" in message
+    assert "expert rank 2 stopped because the attention ranks failed" in message
