@@ -34,12 +34,15 @@ def device_profile_name(device_name: str) -> str | None:
 
 def expert_speeds(*, ranks: Iterable[int], emulation: Any = None, device_names: list[str] | tuple[str, ...] | None = None,
                   model_config: Any = None, shape: Any = None, tokens_per_expert: float | None = None,
-                  what: str = "`expert_split: proportional`") -> dict[int, float]:
+                  what: str = "`expert_split: proportional`", unknown: float | None = None) -> dict[int, float]:
     """{global rank: expert rows per second} for `ranks` (any ranks: expert or attention).
 
     `emulation` (an EmulationConfig) wins over `device_names` (every rank's reported GPU name, in rank order).
     `shape` (a planner ModelShape) or `model_config` (a transformers config) gives the expert's size; the
-    emulated model's shape (`emulation.model`) replaces both when set.
+    emulated model's shape (`emulation.model`) replaces both when set. `unknown`: the speed of a rank whose device
+    has no built-in profile, or of every rank when no device is known (default: a ValueError). With `unknown`, the
+    speeds are relative to a device's rows/s only when every device is known; a caller that mixes known and unknown
+    devices should pass speeds it scales itself.
     """
     from .planner.model_shape import ModelShape
     from .planner.presets import resolve_model
@@ -58,6 +61,8 @@ def expert_speeds(*, ranks: Iterable[int], emulation: Any = None, device_names: 
     elif device_names is not None:
         names = list(device_names)
         source = "reported"
+    elif unknown is not None:
+        return {rank: float(unknown) for rank in ranks}
     else:
         raise ValueError(
             f"hetermoe: {what} needs each rank's device, and none is known here (no emulation, no launch facts). "
@@ -69,6 +74,9 @@ def expert_speeds(*, ranks: Iterable[int], emulation: Any = None, device_names: 
     for rank in ranks:
         name = names[rank] if 0 <= rank < len(names) else None
         profile = device_profile_name(name) if name is not None else None
+        if profile is None and unknown is not None:
+            speeds[rank] = float(unknown)
+            continue
         if profile is None:
             raise ValueError(
                 f"hetermoe: {what} ranks devices by their built-in profiles, but rank {rank} runs on the {source} "

@@ -49,6 +49,10 @@ def test_expert_speeds_for_any_rank_from_reported_names():
     d1 = expert_speeds(ranks=[1, 2], emulation=HeterMoEConfig(emulation=EMULATED, attention_ranks=[0]).emulation)
     assert 2.3 < d1[1] / d1[2] < 3.3
     assert device_profile_name("NVIDIA H200") == "H200" and device_profile_name("cpu") is None
+    # a policy that can live without speeds (equal weights) asks for a default instead of an error
+    assert expert_speeds(ranks=[0, 1], device_names=["cpu", "cpu"], model_config=tiny_mixtral_config(),
+                         unknown=1.0) == {0: 1.0, 1: 1.0}
+    assert expert_speeds(ranks=[3], unknown=1.0, model_config=tiny_mixtral_config()) == {3: 1.0}
 
 
 @pytest.mark.parametrize("data,words", [
