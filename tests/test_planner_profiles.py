@@ -107,8 +107,9 @@ def test_parse_cluster_puts_the_newest_gpus_first():
 
 
 @pytest.mark.parametrize("text,needle", [("6A40,6xV100", "6A40"), ("6xB300,6xV100", "B300"), ("", "empty"),
-                                         ("2xA40,2xV100,2xT4", "3 device types"), ("0xA40,2xV100", "no GPUs"),
-                                         ("2xA40", "two entries")])
+                                         ("attention:2xA40", "no expert GPUs"), ("0xA40,2xV100", "no GPUs"),
+                                         ("2xA40", "two entries"), ("gpus:2xA40;experts:2xV100", "no role"),
+                                         ("attention:2xA40;attention:2xA40", "twice")])
 def test_parse_cluster_errors_name_the_problem(text, needle):
     with pytest.raises(ValueError, match=needle):
         parse_cluster(text)

@@ -56,13 +56,15 @@ def _summarise(strategy: str, setup: Setup, sim: SimResult, r: int, offloads=())
     )
 
 
-def simulate_zebra(setup: Setup, r: int, offloads: list[int] | None = None, *, batched_head: bool = True) -> SimResult:
+def simulate_zebra(setup: Setup, r: int, offloads: list[int] | None = None, *, batched_head: bool = True,
+                   placement=None) -> SimResult:
     """The schedule the runtime runs: Theorem 1 with a batched head (head and loss once per micro-batch, see
     schedules.build_zebra and docs/planner.md, "One schedule"). `batched_head=False` is exact Theorem 1, kept
-    to measure what the batched head costs."""
+    to measure what the batched head costs. `placement` (owner[layer][expert] = global rank, the runtime's
+    `ExpertPlacement.owner` layout; see workload.owner_rows) replaces `offloads` with any explicit placement."""
     c = setup.cluster
-    return simulate(build_zebra(zebra_costs(setup, r, offloads), batched_head=batched_head), _groups(c),
-                    latency_s=c.latency_s)
+    return simulate(build_zebra(zebra_costs(setup, r, offloads, placement=placement), batched_head=batched_head),
+                    _groups(c), latency_s=c.latency_s)
 
 
 def run_ep(setup: Setup) -> StrategyResult:

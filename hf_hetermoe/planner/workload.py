@@ -108,6 +108,12 @@ def _train(fwd_bwd: tuple[float, float], recompute: bool) -> tuple[float, float]
     return fwd, bwd + (fwd if recompute else 0.0)
 
 
+def paced(devices, cost) -> tuple[float, float]:
+    """(forward, backward) of the device whose forward + backward `cost(device)` is the longest: ranks that
+    do the same work wait for the slowest of them at the next collective."""
+    return max((cost(d) for d in {d.name: d for d in devices}.values()), key=lambda t: t[0] + t[1])
+
+
 def _experts_s(dev: DeviceCosts, shape: ModelShape, tokens: list[float], recompute: bool) -> tuple[float, float]:
     """One holder's experts run one after another; an expert that receives no rows is skipped (as at run time)."""
     fwd = bwd = 0.0
@@ -118,31 +124,70 @@ def _experts_s(dev: DeviceCosts, shape: ModelShape, tokens: list[float], recompu
     return fwd, bwd
 
 
-def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None) -> ZebraCosts:
-    """Disaggregated costs for R = r micro-batches and Asym-EA offloads o_l (None: no Asym-EA)."""
+def owner_rows(placement, *, num_layers: int, num_experts: int, world_size: int) -> tuple[tuple[int, ...], ...]:
+    """An explicit placement as owner[layer][expert] = global rank rows, checked against the setup.
+
+    Accepts the runtime's `ExpertPlacement.owner` ({MoE layer: row}, rows taken in ascending layer order, so
+    the i-th MoE layer is the planner's layer i), a sequence of rows, or an `ExpertPlacement` /
+    `asym_ea.Placement`. Ranks are the planner's: attention ranks 0..M-1, expert ranks M..W-1.
+    """
+    if hasattr(placement, "owner_rows"):  # planner.asym_ea.Placement
+        rows = placement.owner_rows()
+    else:
+        if hasattr(placement, "owner"):  # hf_hetermoe.placement.ExpertPlacement
+            placement = placement.owner
+        rows = tuple(placement[k] for k in sorted(placement)) if isinstance(placement, dict) else tuple(placement)
+    rows = tuple(tuple(int(r) for r in row) for row in rows)
+    if len(rows) != num_layers:
+        raise ValueError(f"planner: the placement has {len(rows)} layers but the model has {num_layers} MoE layers. "
+                         "Give one owner row per MoE layer.")
+    for layer, row in enumerate(rows):
+        if len(row) != num_experts:
+            raise ValueError(f"planner: placement layer {layer} names owners of {len(row)} experts; the model has "
+                             f"{num_experts}. Give one owner (global rank) per expert.")
+        bad = sorted({r for r in row if not 0 <= r < world_size})
+        if bad:
+            raise ValueError(f"planner: placement layer {layer} names rank(s) {bad}, outside the cluster's "
+                             f"{world_size} ranks (attention 0..M-1, then experts).")
+    return rows
+
+
+def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None, *,
+                placement=None) -> ZebraCosts:
+    """Disaggregated costs for R = r micro-batches, with Asym-EA offloads o_l (None: no Asym-EA) or an explicit
+    `placement` (owner[layer][expert] = global rank, see `owner_rows`; not with `offloads`).
+
+    Every holder's expert time comes from its own experts' routing shares on its own device; the busiest
+    expert rank (and the busiest attention rank, for experts held there) paces its group.
+    """
     from .asym_ea import placement_from_offloads  # asym_ea imports this module
 
     c, shape, S = setup.cluster, setup.shape, setup.seq_len
     m, n_exp, n, k = c.num_attention, c.num_expert, shape.num_experts, shape.top_k
     hb = shape.hidden_size * shape.bytes_per_element
-    dev_a, dev_e = c.attention.device, c.expert.device
-    offloads = offloads or [0] * shape.num_layers
-    check_offloads(setup, offloads)
     seqs = setup.microbatch_seqs(r)
     ck = setup.checkpointing
     attention_ranks, expert_ranks = tuple(range(m)), tuple(range(m, m + n_exp))
-    placement = placement_from_offloads(num_experts=n, attention_ranks=attention_ranks, expert_ranks=expert_ranks,
-                                        offloads=offloads)
+    if placement is not None:
+        if offloads is not None:
+            raise ValueError("planner: give Asym-EA `offloads` or an explicit `placement`, not both.")
+        owners = owner_rows(placement, num_layers=shape.num_layers, num_experts=n, world_size=c.world_size)
+    else:
+        offloads = offloads or [0] * shape.num_layers
+        check_offloads(setup, offloads)
+        owners = placement_from_offloads(num_experts=n, attention_ranks=attention_ranks,
+                                         expert_ranks=expert_ranks, offloads=offloads).owner_rows()
 
-    attn = [_train(dev_a.attention_s(shape, num_seqs=s, seq_len=S), ck) for s in seqs]
-    head = [_train(dev_a.head_s(shape, num_tokens=s * S), False) for s in seqs]
+    # Every attention rank gets the same stripe (the stock Trainer's equal per-device batch): the slowest paces.
+    attn = [paced(c.attention_devices, lambda d: _train(d.attention_s(shape, num_seqs=s, seq_len=S), ck)) for s in seqs]
+    head = [paced(c.attention_devices, lambda d: _train(d.head_s(shape, num_tokens=s * S), False)) for s in seqs]
     attn_f = [[a[0] for a in attn] for _ in range(shape.num_layers)] + [[h[0] for h in head]]
     attn_b = [[a[1] for a in attn] for _ in range(shape.num_layers)] + [[h[1] for h in head]]
     exp_f, exp_b, xa_f, xa_b, dispatch, combine = [], [], [], [], [], []
     for layer in range(shape.num_layers):
         shares = setup.routing.layer_shares(layer, n)
         held: dict[int, list[int]] = {rank: [] for rank in attention_ranks + expert_ranks}
-        for expert, rank in placement.owners[layer].items():
+        for expert, rank in enumerate(owners[layer]):
             held[rank].append(expert)
         share = {rank: sum(shares[e] for e in experts) for rank, experts in held.items()}
         moved = any(held[rank] for rank in attention_ranks)
@@ -150,10 +195,10 @@ def zebra_costs(setup: Setup, r: int, offloads: list[int] | None = None) -> Zebr
         for s in seqs:
             copies = k * s * S  # C_j, from one attention GPU
             routed = m * copies  # the micro-batch's copies over all attention GPUs
-            on_e = max((_experts_s(dev_e, shape, [routed * shares[e] for e in held[x]], ck) for x in expert_ranks),
-                       key=lambda t: t[0] + t[1])
-            on_a = (max((_experts_s(dev_a, shape, [routed * shares[e] for e in held[x]], ck) for x in attention_ranks),
-                        key=lambda t: t[0] + t[1]) if moved else (0.0, 0.0))
+            on_e = max((_experts_s(c.device_of(x), shape, [routed * shares[e] for e in held[x]], ck)
+                        for x in expert_ranks), key=lambda t: t[0] + t[1])
+            on_a = (max((_experts_s(c.device_of(x), shape, [routed * shares[e] for e in held[x]], ck)
+                         for x in attention_ranks), key=lambda t: t[0] + t[1]) if moved else (0.0, 0.0))
             rows["ef"].append(on_e[0])
             rows["eb"].append(on_e[1])
             rows["xf"].append(on_a[0])
