@@ -1,7 +1,8 @@
 """Re-placement policy: from observed routing counts, propose where every expert should live (pure Python).
 
-Inputs: the global routed (token, k) pairs per expert of each MoE layer over the last window of optimizer steps
-(summed over attention ranks), each holder's relative expert throughput (`speeds`, rank -> number, default 1.0),
+Inputs: the global routed (token, k) pairs per expert of each MoE layer (summed over attention ranks; the
+runtime passes the last window of K optimizer steps plus `decay` times the counts of the previous decision),
+each holder's relative expert throughput (`speeds`, rank -> number, default 1.0),
 and the current placement (`owner[layer][expert] = rank`).
 
 Cost model (what "predicted" means here): a holder's expert time in one layer is the pairs routed to its experts
@@ -44,11 +45,16 @@ class RebalanceConfig:
     min_gain: move only when predicted expert time before / after reaches this (>= 1.0);
     max_per_rank: None keeps every rank's expert count per layer; N lets a holder take up to N experts of a layer
       (never fewer than it holds now), for skew that equal counts cannot balance (memory: N experts' weights and
-      optimizer state per layer on that rank)."""
+      optimizer state per layer on that rank);
+    decay: a decision uses this window's counts plus `decay` times the counts the previous decision used (an
+      exponential average over windows). 0 uses the last K steps alone, which over-fits the routing noise of a
+      short window (a placement tuned to one window's counts predicts a gain the next window does not show);
+      1 keeps every window since the start."""
 
     every_steps: int | None = None
     min_gain: float = 1.05
     max_per_rank: int | None = None
+    decay: float = 0.5
 
     def __post_init__(self) -> None:
         k = self.every_steps
@@ -64,6 +70,11 @@ class RebalanceConfig:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1_000_000):
             raise _fail("rebalance.max_per_rank", f"must be a positive integer number of experts per layer, got "
                         f"{_show(n)}", "Leave it out to keep every rank's expert count, or give e.g. 4.")
+        d = self.decay
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise _fail("rebalance.decay", f"must be a number from 0 to 1, got {_show(d)}",
+                        "Use e.g. 0.5 (older windows count half as much at each decision).")
+        object.__setattr__(self, "decay", float(d))
 
     @property
     def enabled(self) -> bool:
@@ -78,19 +89,19 @@ class RebalanceConfig:
         if not isinstance(data, dict):
             raise _fail("rebalance", f"must be a mapping, got {_show(data)}",
                         "Write e.g. `rebalance: {every_steps: 50, min_gain: 1.05}`, or `rebalance: off`.")
-        known = ("every_steps", "min_gain", "max_per_rank")
+        known = ("every_steps", "min_gain", "max_per_rank", "decay")
         unknown = sorted(_show(k) if not isinstance(k, str) else k for k in data if k not in known)
         if unknown:
             raise _fail("rebalance", f"has unknown key(s) {unknown}", f"Known keys: {', '.join(known)}.")
         if "every_steps" not in data:
             raise _fail("rebalance", "has no `every_steps`", "Say how often to decide, e.g. `every_steps: 50`.")
         return cls(every_steps=data["every_steps"], min_gain=data.get("min_gain", 1.05),
-                   max_per_rank=data.get("max_per_rank"))
+                   max_per_rank=data.get("max_per_rank"), decay=data.get("decay", 0.5))
 
     def to_dict(self) -> dict[str, Any] | None:
         if not self.enabled:
             return None
-        out: dict[str, Any] = {"every_steps": self.every_steps, "min_gain": self.min_gain}
+        out: dict[str, Any] = {"every_steps": self.every_steps, "min_gain": self.min_gain, "decay": self.decay}
         if self.max_per_rank is not None:
             out["max_per_rank"] = self.max_per_rank
         return out

@@ -34,6 +34,7 @@ class Rebalancer:
         self.steps = 0
         self.decisions: list[Proposal] = []  # every decision, for the logs (the callback drains `pending_log`)
         self.pending_log: Proposal | None = None
+        self.history: dict[int, list[float]] | None = None  # the counts of the previous decision (decayed next)
 
     def global_counts(self) -> dict[int, list[int]]:
         """Routed pairs per expert of the window, summed over the attention ranks (once), then reset."""
@@ -56,7 +57,11 @@ class Rebalancer:
         engine = self.engine
         topology = engine.topology
         placement = engine.placement
-        counts = self.global_counts()
+        window = self.global_counts()
+        decay = self.config.decay
+        counts = {layer: [c + decay * h for c, h in zip(row, self.history[layer])] if self.history else list(map(float, row))
+                  for layer, row in window.items()}
+        self.history = counts
         # Attention ranks hold experts by Algorithm 1's budget only when they are not the expert pool itself.
         attention = tuple(topology.attention_ranks) if topology.mode == "disaggregated" else ()
         proposal = propose(counts=counts, owner=dict(placement.owner), attention_ranks=attention, speeds=self.speeds,

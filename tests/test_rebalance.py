@@ -22,7 +22,7 @@ def held(row, rank):
 def test_rebalance_is_off_by_default_and_round_trips():
     assert not HeterMoEConfig().rebalance.enabled
     config = HeterMoEConfig.from_dict({"rebalance": {"every_steps": 25, "min_gain": 1.2, "max_per_rank": 6}})
-    assert config.rebalance == RebalanceConfig(every_steps=25, min_gain=1.2, max_per_rank=6)
+    assert config.rebalance == RebalanceConfig(every_steps=25, min_gain=1.2, max_per_rank=6, decay=0.5)
     assert HeterMoEConfig.from_yaml_text(config.to_yaml()).rebalance == config.rebalance
     assert not HeterMoEConfig.from_dict({"rebalance": False}).rebalance.enabled  # YAML's bare `off`
 
@@ -35,6 +35,7 @@ def test_rebalance_is_off_by_default_and_round_trips():
     ({"every_steps": 10, "min_gain": float("nan")}, "rebalance.min_gain"),
     ({"every_steps": 10, "min_gain": "1.1"}, "rebalance.min_gain"),
     ({"every_steps": 10, "max_per_rank": 0}, "rebalance.max_per_rank"),
+    ({"every_steps": 10, "decay": 1.5}, "rebalance.decay"),
     ({"every_steps": 10, "every": 3}, "rebalance"),
     ({"min_gain": 1.1}, "rebalance"),
     ([10], "rebalance"),
