@@ -91,3 +91,45 @@ def train_each_with_moves(launcher_config: dict, runs: list[tuple[dict, dict, di
 def train_each_stock(specs: list[dict]) -> list[Any]:
     """Several stock trainings in one job (single process or DDP)."""
     return [train(spec) for spec in specs]
+
+
+def accelerate_loop(use_hetermoe: bool, rebalance: dict | None = None) -> dict | None:
+    """A stock Accelerate loop (accumulation 2, clipping, AdamW, 8 steps) on the skewed model, with or without
+    `hf_hetermoe.prepare` (colocated over this world, optional re-placement). Returns losses, grad norms, the final
+    weights and the re-placement decisions on rank 0."""
+    from accelerate import Accelerator
+
+    import hf_hetermoe
+    from hf_hetermoe import HeterMoEConfig
+
+    torch.manual_seed(0)
+    model = skewed_mixtral()
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    if use_hetermoe:
+        config = HeterMoEConfig(mode="colocated", rebalance=rebalance)
+        model, optimizer = hf_hetermoe.prepare(accelerator, model, optimizer, config=config)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    g = torch.Generator().manual_seed(accelerator.process_index)
+    batches = [torch.randint(0, 96, (4, 16), generator=g) for _ in range(16)]
+    losses, norms = [], []
+    for ids in batches:
+        with accelerator.accumulate(model):
+            loss = model(input_ids=ids, labels=ids).loss
+            losses.append(loss.item())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                norms.append(float(accelerator.clip_grad_norm_(model.parameters(), 0.5)))
+            optimizer.step()
+            optimizer.zero_grad()
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    out = {"losses": losses, "norms": norms, "weights": {k: v.detach().cpu().numpy().copy() for k, v in state.items()}}
+    if use_hetermoe:
+        engine = hf_hetermoe.get_engine(accelerator.unwrap_model(model))
+        out["decisions"] = [(p.move, p.gain, len(p.moves)) for p in engine.rebalancer.decisions] \
+            if engine.rebalancer is not None else []
+        out["placement"] = {layer: list(row) for layer, row in engine.placement.owner.items()}
+    return out

@@ -10,11 +10,12 @@ resuming from it equals the uninterrupted run.
 """
 
 import pytest
+import torch
 from transformers import MixtralForCausalLM
 
 from tests._assertions import assert_same_losses, assert_same_weights, logged
 from tests._dist import spawn
-from tests._moves_jobs import skewed_mixtral, train_each_stock, train_each_with_moves
+from tests._moves_jobs import accelerate_loop, skewed_mixtral, train_each_stock, train_each_with_moves
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +95,18 @@ def test_policy_moves_experts_under_skew_and_equals_stock(base, stock, ours):
     assert run["placement"]["owner"] != {str(k): v for k, v in DEFAULT.items()}
     assert_same_losses(stock["skew"], run)
     assert_same_weights(base / "stock_skew_final", base / "policy_final")
+
+
+def test_colocated_accelerate_loop_with_re_placement_equals_stock_ddp():
+    """Colocated over 2 ranks (each an attention rank and a holder), `hf_hetermoe.prepare`'s optimizer step
+    triggers the policy; the skewed router makes it move experts between the two ranks."""
+    stock = spawn(2, accelerate_loop, False)[0]
+    ours = spawn(2, accelerate_loop, True, {"every_steps": 2, "min_gain": 1.05})[0]
+    assert len(ours["decisions"]) == 4 and any(move for move, _, _ in ours["decisions"])
+    assert ours["placement"] != {layer: [0, 0, 1, 1] for layer in range(3)}
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(stock["losses"]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(ours["norms"]), torch.tensor(stock["norms"]), rtol=1e-5, atol=0)
+    assert set(ours["weights"]) == set(stock["weights"])
+    for key, value in stock["weights"].items():
+        torch.testing.assert_close(torch.from_numpy(ours["weights"][key]), torch.from_numpy(value), atol=1e-5, rtol=0,
+                                   msg=key)
