@@ -1,7 +1,7 @@
 """Re-placement under skewed routing, emulated: static placement vs dynamic re-placement, side by side in one run.
 
     python benchmarks/rebalance_emulated.py [--steps 12] [--every 3] [--length 8192] [--tokens 65536]
-                                            [--exponent 1.2] [--logit-scale 10] [--real-seq-len 128] [--lr 1e-5]
+                                            [--exponent 1.0] [--logit-scale 3] [--real-seq-len 128] [--lr 1e-5]
 
 4 processes emulate 2 A40 (attention ranks 0-1) + 2 V100 (expert ranks 2-3), 100 Gbps each, training a tiny
 D1-shaped Mixtral (8 layers, 24 experts, top-2; as benchmarks/zebra_emulated.py) with zebra R = 2, whose every
@@ -75,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=3, help="K: the dynamic run decides every K steps")
     parser.add_argument("--length", type=int, default=8192, help="emulated tokens per sequence")
     parser.add_argument("--tokens", type=int, default=65536, help="emulated tokens per attention rank per step")
-    parser.add_argument("--exponent", type=float, default=1.2, help="S of the Zipf router bias")
+    parser.add_argument("--exponent", type=float, default=1.0, help="S of the Zipf router bias")
     parser.add_argument("--real-seq-len", type=int, default=128,
                         help="real tokens per sequence (each stands for length / real-seq-len emulated tokens); more "
                              "real tokens, less routing noise per step")
     parser.add_argument("--lr", type=float, default=1e-5,
                         help="learning rate: small, so the routing is the stated skew rather than the fast drift of a "
                              "fresh tiny model's embeddings (1e-3 moves them ~5%% a step)")
-    parser.add_argument("--logit-scale", type=float, default=10.0, help="router weights scaled by this at init")
+    parser.add_argument("--logit-scale", type=float, default=3.0, help="router weights scaled by this at init")
     ns = parser.parse_args(argv)
     seqs = max(ns.tokens // ns.length, R)
     print(f"EMULATED devices {DEVICES} (ranks 0-3) at {LINK_GBPS} Gbps, D1 costs at {ns.length} tokens, R={R}, "
