@@ -27,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .asym_ea import TRAINING_COPIES
 from .expert_keys import ExpertTensorKey
 from .expert_shard import ExpertShard, select_experts
 from .placement import ExpertPlacement
@@ -246,7 +248,18 @@ def _build_layer(target: ExpertShard, shard: ExpertShard | None, states: dict, n
 
 
 # ---- the attention side: the public entry -------------------------------------------------------------------
-def _refusal(engine: HeterMoEEngine) -> str | None:
+def _refusal(engine: HeterMoEEngine, placement: ExpertPlacement) -> str | None:
+    from .asym_ea import check_fits
+
+    per_expert = sum(math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
+                     for shape, dtype in engine.expert_specs.values())
+    rank = engine.groups.rank
+    held_now = sum(len(engine.placement.local_experts(rank, layer)) for layer in engine.placement.layers)
+    try:  # this attention rank's new experts must fit beside what it frees (weights, grads, optimizer moments)
+        check_fits(placement, rank=rank, bytes_per_expert=per_expert, device=engine.groups.device,
+                   released_bytes=held_now * per_expert * TRAINING_COPIES)
+    except ValueError as exc:
+        return str(exc).removeprefix("hetermoe: ")
     if engine.state.grads_pending:
         return ("a backward ran since the last optimizer step (mid-accumulation): the experts' gradients are "
                 "partial. Move experts after `optimizer.step()` (the Trainer callback does so at `on_step_end`)")
@@ -263,7 +276,7 @@ def apply_move(engine: HeterMoEEngine, placement: ExpertPlacement) -> list[Trans
     groups = engine.groups
     old = engine.placement
     check_placement(old, placement, world_size=groups.world_size, holder_ranks=tuple(range(groups.world_size)))
-    refusal = _refusal(engine)
+    refusal = _refusal(engine, placement)
     # The attention ranks agree before anything moves: the same placement everywhere, and nobody refuses.
     flags = torch.tensor([placement_digest(placement), -placement_digest(placement), int(refusal is not None)],
                          dtype=torch.int64)
