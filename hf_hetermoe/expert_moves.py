@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -296,6 +297,7 @@ def apply_move(engine: HeterMoEEngine, placement: ExpertPlacement) -> list[Trans
     transfers = plan_transfers(old, placement)
     if not transfers:
         return transfers
+    start = time.perf_counter()
     engine.command(cmds.Move(placement=placement.to_dict()))
     shard = move_shard(
         engine.shard, old=old, new=placement, rank=groups.rank, channel=engine.channel,
@@ -304,5 +306,6 @@ def apply_move(engine: HeterMoEEngine, placement: ExpertPlacement) -> list[Trans
     )
     engine.set_placement(placement, shard)
     if groups.is_leader:
-        logger.info("hetermoe: moved experts: %s", describe_transfers(transfers))
+        logger.info("hetermoe: moved experts in %.3f s (this rank's part): %s", time.perf_counter() - start,
+                    describe_transfers(transfers))
     return transfers

@@ -56,8 +56,12 @@ def ours(base):
         ({"rebalance": {"every_steps": 2, "min_gain": 1.05}},
          {"output_dir": str(base / "policy"), "final_dir": str(base / "policy_final"), "model_factory": skewed_mixtral},
          None),
+        ({"asym_ea": {1: 1}, "rebalance": {"every_steps": 2, "min_gain": 1.05}},
+         {"output_dir": str(base / "policy_asym"), "final_dir": str(base / "policy_asym_final"),
+          "model_factory": skewed_mixtral}, None),
     ]
-    return dict(zip(("forced", "resumed", "policy"), spawn(4, train_each_with_moves, M2, runs, timeout=200)[0]))
+    names = ("forced", "resumed", "policy", "policy_asym")
+    return dict(zip(names, spawn(4, train_each_with_moves, M2, runs, timeout=200)[0]))
 
 
 def test_forced_moves_equal_stock_ddp(base, stock, ours):
@@ -95,6 +99,17 @@ def test_policy_moves_experts_under_skew_and_equals_stock(base, stock, ours):
     assert run["placement"]["owner"] != {str(k): v for k, v in DEFAULT.items()}
     assert_same_losses(stock["skew"], run)
     assert_same_weights(base / "stock_skew_final", base / "policy_final")
+
+
+def test_policy_with_experts_on_attention_ranks_equals_stock(base, stock, ours):
+    """Asym-EA holders (one expert of layer 1 on each attention rank) keep their counts; the policy chooses which
+    experts they hold, and training still equals stock."""
+    run = ours["policy_asym"]
+    assert any(m > 0 for m in logged(run, "hetermoe_rebalance_moved_experts"))
+    owner = run["placement"]["owner"]
+    assert sorted(owner["1"]).count(0) == 1 and sorted(owner["1"]).count(1) == 1  # counts kept
+    assert_same_losses(stock["skew"], run)
+    assert_same_weights(base / "stock_skew_final", base / "policy_asym_final")
 
 
 def test_colocated_accelerate_loop_with_re_placement_equals_stock_ddp():
