@@ -10,6 +10,7 @@ A config file looks like::
     asym_ea: off                 # off | auto | {layer: experts moved per expert rank}
     timeout_s: 300               # how long a data-path collective may wait before it fails
     check_finite: true           # report NaN/inf in expert outputs and gradients (layer, expert, rank)
+    rebalance: {every_steps: 50} # re-place experts from the observed routing every K steps (off by default)
 
 Every mistake is a `ValueError` that names the field and says how to fix it. Validation happens in three
 stages, each as early as the facts it needs are known, and always before any process group waits:
