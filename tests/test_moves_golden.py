@@ -1,7 +1,7 @@
 """Experts moving between holders during training, golden against stock DDP (multi-process, gloo).
 
 2 attention ranks (0, 1) + 2 expert ranks (2, 3), 4 experts per layer, 8 optimizer steps with gradient
-accumulation 2 (as tests/test_golden_distributed.py). Forced moves at the end of steps 2, 4, 6 and 7 take
+accumulation 2 (as tests/test_golden_distributed.py), zebra R = 2 (and R = 4 with expert recompute once). Forced moves at the end of steps 2, 4, 6 and 7 take
 experts from expert ranks to attention ranks and back, between expert ranks, empty an expert rank of one layer
 and then of every layer, and give attention ranks their first experts and take all of them away again. A move
 tried mid-accumulation is refused. The automatic policy runs on a Zipf-skewed router and must move experts.
@@ -59,8 +59,10 @@ def ours(base):
         ({"asym_ea": {1: 1}, "rebalance": {"every_steps": 2, "min_gain": 1.05}},
          {"output_dir": str(base / "policy_asym"), "final_dir": str(base / "policy_asym_final"),
           "model_factory": skewed_mixtral}, None),
+        ({"zebra": {"microbatches": 4, "expert_recompute": True}},
+         {"output_dir": str(base / "forced_r4"), "final_dir": str(base / "forced_r4_final")}, forced),
     ]
-    names = ("forced", "resumed", "policy", "policy_asym")
+    names = ("forced", "resumed", "policy", "policy_asym", "forced_r4")
     return dict(zip(names, spawn(4, train_each_with_moves, M2, runs, timeout=200)[0]))
 
 
@@ -75,6 +77,13 @@ def test_forced_moves_equal_stock_ddp(base, stock, ours):
     assert_same_losses(stock["plain"], run)
     assert logged(run, "grad_norm") == pytest.approx(logged(stock["plain"], "grad_norm"), rel=1e-5)
     assert_same_weights(base / "stock_final", base / "forced_final")
+
+
+def test_forced_moves_with_four_stripes_and_expert_recompute(base, stock, ours):
+    run = ours["forced_r4"]
+    assert [step for step, _ in run["moved"]] == [2, 4, 6, 7]
+    assert_same_losses(stock["plain"], run)
+    assert_same_weights(base / "stock_final", base / "forced_r4_final")
 
 
 def test_checkpoint_after_a_move_is_stock_and_resumes_exactly(base, ours):
