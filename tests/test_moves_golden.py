@@ -1,12 +1,13 @@
 """Experts moving between holders during training, golden against stock DDP (multi-process, gloo).
 
 2 attention ranks (0, 1) + 2 expert ranks (2, 3), 4 experts per layer, 8 optimizer steps with gradient
-accumulation 2 (as tests/test_golden_distributed.py), zebra R = 2 (and R = 4 with expert recompute once). Forced moves at the end of steps 2, 4, 6 and 7 take
-experts from expert ranks to attention ranks and back, between expert ranks, empty an expert rank of one layer
-and then of every layer, and give attention ranks their first experts and take all of them away again. A move
-tried mid-accumulation is refused. The automatic policy runs on a Zipf-skewed router and must move experts.
-Losses, gradient norms and final weights equal stock DDP; a checkpoint written right after a move is stock, and
-resuming from it equals the uninterrupted run.
+accumulation 2 (as tests/test_golden_distributed.py), zebra R = 2 (once R = 4 with expert recompute). Forced
+moves at the end of steps 2, 4, 6 and 7 take experts from expert ranks to attention ranks and back, between
+expert ranks, empty an expert rank of one layer and then of every layer, and give attention ranks their first
+experts and take all of them away again. A move tried mid-accumulation is refused. The automatic policy runs on
+a Zipf-skewed router (with and without Asym-EA holders) and must move experts; colocated, the Accelerate loop's
+optimizer step triggers it. Losses, gradient norms and final weights equal stock DDP; a checkpoint written right
+after a move is stock, and resuming from it equals the uninterrupted run.
 """
 
 import pytest
