@@ -39,6 +39,15 @@ def skewed_mixtral() -> MixtralForCausalLM:
     return model
 
 
+def frozen_experts_mixtral() -> MixtralForCausalLM:
+    """The tiny Mixtral with its routed experts frozen (they move weights only: no optimizer state)."""
+    model = MixtralForCausalLM(tiny_mixtral_config())
+    for name, param in model.named_parameters():
+        if ".experts." in name:
+            param.requires_grad_(False)
+    return model
+
+
 class ForcedMoves(TrainerCallback):
     """Move experts at the end of chosen optimizer steps; try (and expect a refusal) mid-accumulation once."""
 

@@ -4,9 +4,9 @@
 accumulation 2 (as tests/test_golden_distributed.py), zebra R = 2 (once R = 4 with expert recompute). Forced
 moves at the end of steps 2, 4, 6 and 7 take experts from expert ranks to attention ranks and back, between
 expert ranks, empty an expert rank of one layer and then of every layer, and give attention ranks their first
-experts and take all of them away again. A move tried mid-accumulation is refused. The automatic policy runs on
-a Zipf-skewed router (with and without Asym-EA holders) and must move experts; colocated, the Accelerate loop's
-optimizer step triggers it. Losses, gradient norms and final weights equal stock DDP; a checkpoint written right
+experts and take all of them away again; frozen experts take the same moves (weights only). A move tried
+mid-accumulation is refused. The automatic policy runs on a Zipf-skewed router (with and without Asym-EA holders)
+and must move experts; colocated, the Accelerate loop's optimizer step triggers it. Losses, gradient norms and final weights equal stock DDP; a checkpoint written right
 after a move is stock, and resuming from it equals the uninterrupted run.
 """
 
@@ -16,7 +16,8 @@ from transformers import MixtralForCausalLM
 
 from tests._assertions import assert_same_losses, assert_same_weights, logged
 from tests._dist import spawn
-from tests._moves_jobs import accelerate_loop, skewed_mixtral, train_each_stock, train_each_with_moves
+from tests._moves_jobs import (accelerate_loop, frozen_experts_mixtral, skewed_mixtral, train_each_stock,
+                               train_each_with_moves)
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +44,10 @@ def base(tmp_path_factory):
 def stock(base):
     specs = [{"output_dir": str(base / "stock"), "final_dir": str(base / "stock_final")},
              {"output_dir": str(base / "stock_skew"), "final_dir": str(base / "stock_skew_final"),
-              "model_factory": skewed_mixtral}]
-    return dict(zip(("plain", "skew"), spawn(2, train_each_stock, specs)[0]))
+              "model_factory": skewed_mixtral},
+             {"output_dir": str(base / "stock_frozen"), "final_dir": str(base / "stock_frozen_final"),
+              "model_factory": frozen_experts_mixtral}]
+    return dict(zip(("plain", "skew", "frozen"), spawn(2, train_each_stock, specs)[0]))
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,10 @@ def ours(base):
           "model_factory": skewed_mixtral}, None),
         ({"zebra": {"microbatches": 4, "expert_recompute": True}},
          {"output_dir": str(base / "forced_r4"), "final_dir": str(base / "forced_r4_final")}, forced),
+        ({}, {"output_dir": str(base / "forced_frozen"), "final_dir": str(base / "forced_frozen_final"),
+              "model_factory": frozen_experts_mixtral}, forced),
     ]
-    names = ("forced", "resumed", "policy", "policy_asym", "forced_r4")
+    names = ("forced", "resumed", "policy", "policy_asym", "forced_r4", "forced_frozen")
     return dict(zip(names, spawn(4, train_each_with_moves, M2, runs, timeout=200)[0]))
 
 
@@ -85,6 +90,13 @@ def test_forced_moves_with_four_stripes_and_expert_recompute(base, stock, ours):
     assert [step for step, _ in run["moved"]] == [2, 4, 6, 7]
     assert_same_losses(stock["plain"], run)
     assert_same_weights(base / "stock_final", base / "forced_r4_final")
+
+
+def test_forced_moves_of_frozen_experts(base, stock, ours):
+    run = ours["forced_frozen"]
+    assert [step for step, _ in run["moved"]] == [2, 4, 6, 7]
+    assert_same_losses(stock["frozen"], run)
+    assert_same_weights(base / "stock_frozen_final", base / "forced_frozen_final")
 
 
 def test_checkpoint_after_a_move_is_stock_and_resumes_exactly(base, ours):
