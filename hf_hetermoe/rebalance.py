@@ -20,7 +20,7 @@ Per layer:
 - attention-rank holders (Asym-EA): Algorithm 1 sized their share for uniform routing, i.e. a time budget of
   (their slots x the mean expert load); they take the hottest experts that fit that budget, and otherwise the
   coldest, so the experts that overlap with attention stay within the bubble they were sized for;
-- fewest moves: ranks of equal speed and slots are interchangeable, so each proposed group goes to the rank of
+- fewest moves: ranks of equal role, speed and slots are interchangeable, so each proposed group goes to the rank of
   its class that already holds most of it; a layer whose busiest load would not drop keeps its row unchanged.
 The whole proposal is taken only when the predicted gain reaches `min_gain`.
 """
@@ -210,14 +210,16 @@ def _swap_down(row: tuple[int, ...], counts: list[float], speeds: Mapping[int, f
     return tuple(row)
 
 
-def _relabel(old: tuple[int, ...], new: tuple[int, ...], speeds: Mapping[int, float]) -> tuple[int, ...]:
-    """Give each proposed group to the rank of its class (same speed, same size) that holds most of it now."""
+def _relabel(old: tuple[int, ...], new: tuple[int, ...], speeds: Mapping[int, float],
+             attention: set[int]) -> tuple[int, ...]:
+    """Give each proposed group to the rank of its class (same role, same speed, same size) that holds most of it
+    now."""
     groups: dict[int, set[int]] = {}
     for e, r in enumerate(new):
         groups.setdefault(r, set()).add(e)
     classes: dict[tuple[float, int], list[int]] = {}
     for r, experts in groups.items():
-        classes.setdefault((speeds.get(r, 1.0), len(experts)), []).append(r)
+        classes.setdefault((r in attention, speeds.get(r, 1.0), len(experts)), []).append(r)
     mapping: dict[int, int] = {}
     for ranks in classes.values():
         free = set(ranks)
@@ -244,7 +246,8 @@ def propose(*, counts: Mapping[int, list[float]], owner: Owner, attention_ranks:
         if sum(layer_counts) <= 0:
             proposed[layer] = tuple(row)
             continue
-        new = _relabel(tuple(row), _balance_layer(tuple(row), layer_counts, speeds, attention, max_per_rank), speeds)
+        new = _relabel(tuple(row), _balance_layer(tuple(row), layer_counts, speeds, attention, max_per_rank), speeds,
+                       attention)
         old_top = max(holder_loads(tuple(row), layer_counts, speeds).values())
         new_top = max(holder_loads(new, layer_counts, speeds).values())
         proposed[layer] = new if new_top < old_top * (1 - 1e-9) else tuple(row)
