@@ -145,3 +145,34 @@ def test_move_refused_mid_accumulation_and_with_saved_activations():
         move_experts(model, {"num_experts": 4, "owner": {str(layer): [1] * 4 for layer in range(3)}})
     with pytest.raises(ValueError, match="patched with HeterMoE"):
         move_experts(MixtralForCausalLM(tiny_mixtral_config()), same)
+
+
+def test_invariants_on_random_loads():
+    """Over random skews and placements: counts per rank kept, never worse than the current placement, moves only
+    at or above the threshold, and the same input always gives the same proposal (ranks decide independently)."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        experts = rng.choice([4, 8, 12, 24])
+        ranks = rng.choice([(2, 3), (2, 3, 4), (2, 3, 4, 5)])
+        layers = rng.randint(1, 3)
+        owner = {}
+        for layer in range(layers):
+            row = [ranks[e * len(ranks) // experts] for e in range(experts)]
+            rng.shuffle(row)
+            if rng.random() < 0.3:
+                row[rng.randrange(experts)] = rng.choice((0, 1))  # an Asym-EA holder
+            owner[layer] = tuple(row)
+        counts = {layer: [rng.paretovariate(1.2) * 100 for _ in range(experts)] for layer in owner}
+        speeds = {r: rng.choice([1.0, 1.0, 2.0]) for r in (0, 1, *ranks)}
+        min_gain = rng.choice([1.0, 1.05, 1.2])
+        p = propose(counts=counts, owner=owner, attention_ranks=(0, 1), speeds=speeds, min_gain=min_gain)
+        assert p == propose(counts=counts, owner=owner, attention_ranks=(0, 1), speeds=speeds, min_gain=min_gain)
+        for layer, row in owner.items():
+            assert sorted(p.owner[layer]) == sorted(row)  # same number of experts on every rank
+        assert p.after_s <= p.before_s * (1 + 1e-9)
+        if p.move:
+            assert p.gain >= min_gain and p.moves
+        else:
+            assert p.owner == owner and not p.moves
