@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .config import HeterMoEConfig, Topology, ZebraConfig
     from .integrations.accelerate_loop import prepare
     from .integrations.trainer import HeterMoECallback
-    from .patching import apply_hetermoe, gather_expert_weights, get_engine, revert_hetermoe
+    from .patching import apply_hetermoe, gather_expert_weights, get_engine, move_experts, revert_hetermoe
 
 __all__ = [
     "HeterMoEConfig",
@@ -24,6 +24,7 @@ __all__ = [
     "apply_hetermoe",
     "gather_expert_weights",
     "get_engine",
+    "move_experts",
     "prepare",
     "revert_hetermoe",
     "__version__",
@@ -37,7 +38,7 @@ def __getattr__(name: str) -> Any:
         from .integrations import trainer as module
     elif name == "prepare":
         from .integrations import accelerate_loop as module
-    elif name in ("apply_hetermoe", "gather_expert_weights", "get_engine", "revert_hetermoe"):
+    elif name in ("apply_hetermoe", "gather_expert_weights", "get_engine", "move_experts", "revert_hetermoe"):
         from . import patching as module
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ A config file looks like::
     expert_split: even           # even | proportional (to each expert rank's device speed) | [w0, w1, ...]
     timeout_s: 300               # how long a data-path collective may wait before it fails
     check_finite: true           # report NaN/inf in expert outputs and gradients (layer, expert, rank)
+    rebalance: {every_steps: 50} # re-place experts from the observed routing every K steps (off by default)
 
 Every mistake is a `ValueError` that names the field and says how to fix it. Validation happens in three
 stages, each as early as the facts it needs are known, and always before any process group waits:
@@ -33,6 +34,7 @@ from .asym_ea_placement import placement_for
 from .config_messages import fail as _fail
 from .config_messages import show as _show
 from .emulation import EmulationConfig
+from .rebalance import RebalanceConfig
 from .topology import MAX_WORLD_SIZE, Topology, resolve_topology
 
 __all__ = ["MAX_TIMEOUT_S", "MAX_WORLD_SIZE", "MODES", "HeterMoEConfig", "Topology", "ZebraConfig"]
@@ -129,6 +131,8 @@ class HeterMoEConfig:
     emulation: EmulationConfig | None = None  # device emulation for CPU benchmarks (see emulation.py)
     # Count NaN/inf in expert outputs and gradients and report them with layer, expert and rank (numerics.py).
     check_finite: bool = True
+    # Re-place experts from the observed routing every K optimizer steps (rebalance.py); off by default.
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
 
     def __post_init__(self) -> None:
         # Keyword construction is validated and normalised exactly like a file, so both accept the same configs.
@@ -199,6 +203,7 @@ class HeterMoEConfig:
             "timeout_s": self.timeout_s,
             "emulation": self.emulation.to_dict() if self.emulation is not None else None,
             "check_finite": self.check_finite,
+            "rebalance": self.rebalance.to_dict(),
         }
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
@@ -285,6 +290,7 @@ class HeterMoEConfig:
             raise _fail("check_finite", f"must be true or false, got {_show(check_finite)}",
                         "Use true (report NaN/inf in expert outputs and gradients) or false.")
         out["check_finite"] = check_finite
+        out["rebalance"] = RebalanceConfig.from_dict(data.get("rebalance"))
         return out
 
     # ---- stage 2: plus the world size ---------------------------------------------------------------

@@ -86,6 +86,36 @@ class HeterMoEEngine:
             command=self.command, channel=self.channel,
         )
         self.expert_load = self.stats.expert_load  # the exchanges count routed pairs per expert into it
+        # Exchanges of training forwards whose backward has not run yet: experts move only when none are left.
+        self._kept: set[ExchangeKey] = set()
+        self._kept_session: int | None = None
+        self.rebalancer = None  # rebalancer.Rebalancer when the config's `rebalance` is on (apply_hetermoe)
+
+    # ---- re-placement (expert_moves.py) ------------------------------------------------------------------
+    def saved_forwards(self) -> bool:
+        """True while a forward's activations wait for their backward (on this rank or on the holders)."""
+        return bool(self._kept)
+
+    def make_shard(self, placement: ExpertPlacement) -> ExpertShard:
+        """An unallocated shard of this rank's experts under `placement` (a move fills it)."""
+        dtype = next(iter(self.expert_specs.values()))[1]
+        shard = ExpertShard(family=self.family, model_config=self.model_config, placement=placement,
+                            rank=self.groups.rank, device=self.groups.device, dtype=dtype,
+                            num_replicas=self.num_replicas, allocate=False)
+        shard.observer = self.instruments
+        shard.check_finite = self.config.check_finite
+        return shard
+
+    def set_placement(self, placement: ExpertPlacement, shard: ExpertShard | None) -> None:
+        """Switch every component to a new placement and this rank's new shard (after a move)."""
+        self.placement = placement
+        self.shard = shard
+        self.owner_E = {layer: torch.tensor(row, dtype=torch.int64, device=self.groups.device)
+                        for layer, row in placement.owner.items()}
+        self.transport.set_placement(placement)
+        self.state.placement, self.state.shard = placement, shard
+        self.state.weights_version += 1  # cached gathers keyed by it are rebuilt (same values, new holders)
+        self.stats.placement, self.stats.holds_experts = placement, shard is not None
 
     # ---- helpers ----------------------------------------------------------------------------------------
     @property
@@ -186,6 +216,12 @@ class HeterMoEEngine:
         Rows travel in the experts' compute dtype (`row_dtype`), and so do y_PH and the gradients of the backward
         exchange; the caller casts input gradients back to x_PH's dtype."""
         self.expert_load[key.layer] += counts_E
+        if keep:
+            self.stats.window_load[key.layer] += counts_E  # training forwards only: what re-placement balances
+            if key.session != self._kept_session:
+                self._kept.clear()  # holders drop an older forward's activations when a newer one keeps its own
+                self._kept_session = key.session
+            self._kept.add(key)
         row_dtype = self.row_dtype(autocast, x_PH.dtype)
         self.command(cmds.Forward(layer=key.layer, stripe=key.stripe, session=key.session, keep=keep,
                                   autocast=autocast, row_dtype=row_dtype, seq_len=self.seq_len))
@@ -203,6 +239,8 @@ class HeterMoEEngine:
     def issue_backward(self, key: ExchangeKey, plan: ExchangePlan, dy_PH: torch.Tensor, *,
                        reuse_buffers: bool = True) -> PendingExchange:
         self.command(cmds.Backward(layer=key.layer, stripe=key.stripe, session=key.session))
+        self._kept.discard(key)
+        self.state.grads_pending = True
         return self.transport.dispatch_backward(key, plan, dy_PH, reuse_buffers=reuse_buffers)
 
     def finish_layer(self, layer: int) -> None:

@@ -70,6 +70,10 @@ class ExpertServer:
         self.device_name = (torch.cuda.get_device_name(groups.device) if groups.device.type == "cuda"
                             else str(groups.device))
         self.experts_implementation: str | None = None
+        # What a move (expert_moves.py) rebuilds the shard from: the optimizer spec, frozen, the model's setup.
+        self.optimizer_spec: dict | None = None
+        self.frozen = False
+        self.model_config = None
 
     def setup(self, setup: dict) -> None:
         """A new model: build its experts here (replacing any earlier model's) and receive their weights."""
@@ -105,10 +109,37 @@ class ExpertServer:
         launcher_default = self.config.check_finite if self.config is not None else True
         shard.check_finite = bool(setup.get("check_finite", launcher_default))
         self.shard = shard
+        self.model_config = model_config
+        self.optimizer_spec = None
         self.transport = TokenTransport(groups=groups, placement=placement, hidden_size=model_config.hidden_size,
                                         observer=self.instruments)
         self.plans.clear()
         logger.info("hetermoe: expert rank %d holds %s", groups.rank, {layer: list(e) for layer, e in shard.local.items()})
+
+    def move(self, cmd: cmds.Move) -> None:
+        """Re-place the experts (expert_moves.py): this rank sends and receives its part of the moved experts, in
+        the order every rank derives from the two placements, then routes by the new placement. A server that
+        gives up every expert keeps an empty shard (it still takes part in every exchange, with no rows)."""
+        from .expert_moves import move_shard
+
+        old_shard = self.shard
+        new = ExpertPlacement.from_dict(cmd.placement)
+        self.transport.flush()
+        self.plans.clear()
+
+        def make_shard(placement: ExpertPlacement) -> ExpertShard:
+            shard = ExpertShard(family=old_shard.family, model_config=self.model_config, placement=placement,
+                                rank=self.groups.rank, device=self.groups.device, dtype=old_shard.dtype,
+                                num_replicas=old_shard.num_replicas, recompute=old_shard.recompute, allocate=False)
+            shard.observer = self.instruments
+            return shard
+
+        self.shard = move_shard(old_shard, old=old_shard.placement, new=new, rank=self.groups.rank,
+                                channel=self.channel, make_shard=make_shard, optimizer_spec=self.optimizer_spec,
+                                frozen=self.frozen, keep_empty=True)
+        self.transport.set_placement(new)
+        logger.info("hetermoe: expert rank %d now holds %s", self.groups.rank,
+                    {layer: list(e) for layer, e in self.shard.local.items()})
 
     # ---- one handler per command ------------------------------------------------------------------------------
     def check_dtype(self, dtype: torch.dtype | None, what: str) -> None:
@@ -158,6 +189,7 @@ class ExpertServer:
         if isinstance(cmd, cmds.Setup):
             self.setup(cmd.config)
             self.shard.freeze(cmd.frozen)
+            self.frozen = cmd.frozen
             return
         if self.shard is None:
             raise RuntimeError(f"hetermoe: expert rank {self.groups.rank} got {type(cmd).__name__} before any model "
@@ -170,6 +202,9 @@ class ExpertServer:
             self.stats(cmd)
         elif isinstance(cmd, cmds.OptimSetup):
             self.shard.build_optimizer(cmd.spec["class"], cmd.spec["groups"])
+            self.optimizer_spec = cmd.spec
+        elif isinstance(cmd, cmds.Move):
+            self.move(cmd)
         elif isinstance(cmd, cmds.GradNorm):
             self.grad_norm(cmd)
         elif isinstance(cmd, cmds.Step):

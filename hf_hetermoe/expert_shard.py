@@ -90,6 +90,7 @@ class ExpertShard:
         gives each layer its weights, which then become the parameters' storage. Setup uses it so that no layer's
         experts are ever held twice (its random initial values would be overwritten anyway)."""
         self.family = family
+        self.model_config = model_config  # a move (expert_moves.py) builds new modules of the same family
         self.placement = placement
         self.rank = rank
         self.device = device

@@ -59,6 +59,8 @@ class ExpertState:
         self.num_replicas = self.topology.num_attention
         # Gradients
         self._grads_finished = False
+        # A backward reached the experts since their last step (mid-accumulation): experts may not move now.
+        self.grads_pending = False
         # Per-layer gradient all-reduces issued during the zebra backward: (flat buffer, grads, work).
         self._pending_reduce: list[tuple[torch.Tensor, list[torch.Tensor], Any]] = []
         self._reduced: set[int] = set()
@@ -196,6 +198,7 @@ class ExpertState:
             self.shard.step(lrs=lrs, clip_coef=self.clip_coef, skipped=skipped)
         self.clip_coef = 1.0
         self._grads_finished = False
+        self.grads_pending = False
         if not skipped:
             self.weights_version += 1
 
@@ -234,7 +237,8 @@ class ExpertState:
         pieces: dict[int, dict[str, torch.Tensor]] = {}
         if self.shard is not None:
             pieces[rank] = {k: v.cpu() for k, v in local(self.shard).items()}
-        for holder in self.placement.ranks_holding():
+        # Every server answers `op`, also one that holds no experts now (a move can empty it: expert_moves.py).
+        for holder in sorted(set(self.placement.ranks_holding()) | set(self.topology.expert_ranks)):
             if holder != rank and (from_attention or holder in self.topology.expert_ranks):
                 pieces[holder] = self.channel.recv_tensor_dict(holder)
         return {holder: {ExpertTensorKey.decode(k): v for k, v in tensors.items()}

@@ -305,6 +305,10 @@ def apply_hetermoe(model: nn.Module, config: HeterMoEConfig | None = None, group
         shard.check_loaded()
     model.__dict__[_ENGINE_ATTR] = engine
     model.__dict__[_HOOKS_ATTR] = ExpertStateHooks(model, engine.state)
+    if config.rebalance.enabled:
+        from .rebalancer import Rebalancer
+
+        engine.rebalancer = Rebalancer(engine, config.rebalance)
     engine.install_model_hooks(model)
     stripes = config.zebra.stripes(groups.topology.mode)
     if stripes > 1 and not engine.has_servers:
@@ -330,6 +334,26 @@ def state_hooks(model: nn.Module) -> ExpertStateHooks:
 def gather_expert_weights(model: nn.Module) -> dict | None:
     """Collective over attention ranks: full expert tensors on attention rank 0 (None elsewhere)."""
     return get_engine(model).state.gather_expert_weights(collective=True)
+
+
+def move_experts(model: nn.Module, placement) -> list:
+    """Collective over the attention ranks, at an optimizer-step boundary: re-place the routed experts of a
+    HeterMoE-patched model to `placement` (an `ExpertPlacement`, or its `to_dict()`), moving weights and optimizer
+    state holder to holder (expert_moves.py). Every attention rank passes the same placement. Returns the
+    transfers made (`expert_moves.Transfer`: layer, source rank, destination rank, experts).
+
+    Refused with a ValueError (on every attention rank, before anything moves) mid-accumulation (expert gradients
+    not yet stepped), with activations saved for a backward, or for a placement that does not fit the model."""
+    from .expert_moves import apply_move
+    from .placement import ExpertPlacement
+
+    engine = get_engine(model)
+    if engine is None:
+        raise ValueError("hetermoe: move_experts needs a model patched with HeterMoE (apply_hetermoe, the Trainer "
+                         "callback or hf_hetermoe.prepare).")
+    if isinstance(placement, dict):
+        placement = ExpertPlacement.from_dict(placement)
+    return apply_move(engine, placement)
 
 
 def revert_hetermoe(model: nn.Module) -> nn.Module:

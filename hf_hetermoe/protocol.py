@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAGIC = 0x4845544552  # "HETER"
 NUM_INTS = 10
 NUM_FLOATS = 6
@@ -155,9 +155,19 @@ class Stats(Command):
     OP: ClassVar[int] = 13
 
 
+@dataclass(frozen=True)
+class Move(Command):
+    """Re-place the experts at an optimizer-step boundary: `placement` is the new `ExpertPlacement.to_dict()`;
+    moved experts then travel holder to holder (expert_moves.py), in the order every rank derives from the old
+    and new placements."""
+
+    OP: ClassVar[int] = 14
+    placement: dict = field(default_factory=dict)
+
+
 COMMANDS: dict[int, type[Command]] = {
     cls.OP: cls for cls in (Setup, Forward, Backward, OptimSetup, GradNorm, Step, FetchWeights, LoadWeights,
-                            FetchOptim, LoadOptim, Stop, Abort, Stats)
+                            FetchOptim, LoadOptim, Stop, Abort, Stats, Move)
 }
 
 

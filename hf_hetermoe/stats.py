@@ -34,6 +34,9 @@ class PoolStats:
         # Routed (token, k) pairs per expert since the last call, per layer (the engine's exchanges add to it):
         # real routing is not uniform.
         self.expert_load = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}
+        # Routed pairs per expert of training forwards since the last re-placement decision (rebalancer.py); the
+        # logging above does not reset it.
+        self.window_load = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}
         # HETERMOE_ROUTING_LOG=DIR: cumulative counts, for `hetermoe plan --routing DIR` (planner/routing.py).
         self.routing_log = os.environ.get("HETERMOE_ROUTING_LOG") or None
         self.routed_total = {layer: torch.zeros(placement.num_experts, dtype=torch.int64) for layer in placement.layers}

@@ -272,6 +272,16 @@ class TokenTransport:
     def holds(self, layer: int) -> bool:
         return bool(self.splits.local_of[layer][self.rank])
 
+    def set_placement(self, placement: "ExpertPlacement") -> None:
+        """Route by a new placement (expert_moves.py), between steps: nothing may be in flight or held. The receive
+        buffers stay: their sizes follow the rows routed, not who holds them."""
+        if any(self._held.values()):
+            raise RuntimeError(f"hetermoe: rank {self.rank} still holds rows for its experts; a placement changes only "
+                               "between steps.")
+        self.flush()
+        self.splits = SplitArithmetic(placement=placement, world=self.world, attention_ranks=self.splits.attention_ranks,
+                                      servers=self.splits.servers)
+
     # ---- attention side -------------------------------------------------------------------------------------
     def _counts_from_attention(self, layer: int, counts_E: torch.Tensor) -> torch.Tensor | None:
         """Counts of this rank's experts from every attention rank (None: no attention rank holds any)."""

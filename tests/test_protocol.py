@@ -18,6 +18,7 @@ EXAMPLES = [
     p.Step(clip_coef=1.0, lrs=(), skipped=True),
     p.FetchWeights(), p.LoadWeights(), p.FetchOptim(), p.LoadOptim(), p.Stop(), p.Stats(),
     p.Abort(reason="attention rank 1: ValueError: ünïcode reason"),
+    p.Move(placement={"num_experts": 4, "owner": {"0": [2, 2, 0, 3], "1": [3, 3, 2, 2]}}),
 ]
 
 

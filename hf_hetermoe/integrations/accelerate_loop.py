@@ -166,6 +166,9 @@ class _Loop:
             lrs = [float(inner.param_groups[i]["lr"]) for i in state.optimizer_groups]
             state.step(lrs=lrs, skipped=bool(self.optimizer.step_was_skipped))
             self.norm_done = False
+            rebalancer = get_engine(self.model).rebalancer
+            if rebalancer is not None:  # a step boundary: the experts just stepped (rebalancer.py)
+                rebalancer.after_step()
             return out
 
         def get_state_dict(model, unwrap=True):

@@ -156,12 +156,20 @@ class HeterMoECallback(TrainerCallback):
         lrs = [float(inner.param_groups[i]["lr"]) for i in expert_state.optimizer_groups]
         expert_state.step(lrs=lrs, skipped=skipped)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # After the optimizer step, the scheduler and zero_grad, before logging and saving: a step boundary on every
+        # attention rank (all of them reach it together), where experts may move (rebalancer.py).
+        if self.engine.rebalancer is not None:
+            self.engine.rebalancer.after_step()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs:
             return  # only training logs get statistics
         # The Trainer recorded this log (`state.log_history[-1]`) just before this event; add the same entries.
         busy = self.engine.stats.pool_busy(self._stats_since)
         added = {f"hetermoe_{key}": round(value, 4) for key, value in busy.items()}
+        if self.engine.rebalancer is not None:
+            added.update(self.engine.rebalancer.log_entries())
         if self.engine.instruments.emulator is not None:
             added["hetermoe_emulated_devices"] = ",".join(self.engine.config.emulation.devices)
         self._stats_since = time.perf_counter()
